@@ -1,0 +1,72 @@
+"""What the data pipeline needs to know about an open_clip backbone: tokenizer, image size, normalisation.
+
+Also registers the project's tiny CPU model (`ContextTiny`) with open_clip, so that every package can name it
+like any other open_clip model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+
+CONTEXT_LENGTH = 77
+"""CLIP's text context; every backbone this project trains uses it."""
+TINY_BACKBONE = "ContextTiny"
+_MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@lru_cache(maxsize=None)
+def register_project_models() -> None:
+    """Make `ContextTiny` (and any other JSON in shards/model_configs) known to open_clip. Idempotent."""
+    open_clip.add_model_config(_MODEL_CONFIG_DIR)
+
+
+def model_config(backbone: str) -> dict[str, Any]:
+    """open_clip's architecture config for `backbone`; a clear error names the known models when absent."""
+    register_project_models()
+    config = open_clip.get_model_config(backbone)
+    if config is None:
+        raise ValueError(
+            f"unknown open_clip backbone {backbone!r}; known models include "
+            f"{', '.join(m for m in open_clip.list_models() if m.startswith(('ViT-B', 'ViT-L', 'ViT-H')))}, "
+            f"{TINY_BACKBONE}"
+        )
+    return config
+
+
+def image_size(backbone: str) -> int:
+    """Square input resolution of the backbone's image tower."""
+    size = model_config(backbone)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone's image tower expects; CLIP's statistics unless its config says otherwise."""
+    preprocess = model_config(backbone).get("preprocess_cfg", {})
+    mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+    return mean, std
+
+
+def eval_transform(backbone: str):
+    """open_clip's inference transform for the backbone (resize, centre crop, to tensor, normalise)."""
+    mean, std = normalisation(backbone)
+    return open_clip.image_transform(image_size(backbone), is_train=False, mean=mean, std=std)
+
+
+@lru_cache(maxsize=8)
+def tokenizer(backbone: str):
+    """The backbone's open_clip tokenizer at CLIP's 77-token context."""
+    register_project_models()
+    return open_clip.get_tokenizer(backbone, context_length=CONTEXT_LENGTH)
+
+
+def tokenizer_name(backbone: str) -> str:
+    """Stable name of the tokenizer a shard set was built with; shard sets and models must agree on it."""
+    tok = tokenizer(backbone)
+    if isinstance(tok, open_clip.SimpleTokenizer):
+        return f"clip-bpe-{len(tok.encoder)}"
+    return f"{type(tok).__name__}:{getattr(tok, 'tokenizer_name', backbone)}"
