@@ -6,7 +6,7 @@ like any other open_clip model.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ TINY_BACKBONE = "ContextTiny"
 _MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 
-@lru_cache(maxsize=None)
+@cache
 def register_project_models() -> None:
     """Make `ContextTiny` (and any other JSON in shards/model_configs) known to open_clip. Idempotent."""
     open_clip.add_model_config(_MODEL_CONFIG_DIR)

@@ -172,7 +172,8 @@ class CheckpointConfig:
     keep: int = 3
     """Complete checkpoints kept; older ones are pruned."""
     resume: bool = True
-    """Continue from the run's latest complete checkpoint when there is one; false starts fresh."""
+    """Continue from the run's latest complete checkpoint when there is one; false starts fresh and refuses to
+    start (exit 2) when the run already has checkpoints, so nothing is clobbered: pick a new `cluster.run_name`."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep < 1:
@@ -189,6 +190,8 @@ class LoggingConfig:
     """NP attention-map image grid every this many steps."""
     num_images: int = 4
     """Reference images in each attention-map grid."""
+    peak_tflops: float | None = None
+    """Per-GPU dense bf16 peak (TFLOP/s) for perf/mfu; None: looked up from the device name (H100, A100, ...)."""
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.image_every < 1 or self.num_images < 1:
@@ -225,6 +228,14 @@ class EvalConfig:
     """The synthetic benchmark's root (CIRR layout plus `objects.json`)."""
     splits: list[str] = field(default_factory=lambda: ["val"])
     """Splits to score; `test` also writes CIRR test1 / CIRCO test submission files."""
+    patterncir_split: str = "test1"
+    """PatternCIR's labelled split to score (`test1` with targets, or `val`)."""
+    synthetic_split: str = "val"
+    """The synthetic benchmark's split to score."""
+    fashioniq_categories: list[str] = field(default_factory=lambda: ["dress", "shirt", "toptee"])
+    """FashionIQ categories scored; the averages run over these."""
+    top_k: int = 50
+    """Predictions kept per query in the results JSON (and the length of submission rankings)."""
 
     def __post_init__(self) -> None:
         known = {"cirr", "circo", "fashioniq", "patterncir", "synthetic"}
@@ -235,6 +246,16 @@ class EvalConfig:
             raise ValueError("eval.select_metric must read `<benchmark>/<metric>`, e.g. synthetic/recall@1")
         if self.batch_size < 1 or self.poll_seconds <= 0:
             raise ValueError("eval.batch_size must be >= 1 and eval.poll_seconds positive")
+        bad_splits = [split for split in self.splits if split not in ("val", "test")]
+        if bad_splits:
+            raise ValueError(f"eval.splits has unknown {bad_splits}; known: ['val', 'test']")
+        bad_categories = [name for name in self.fashioniq_categories if name not in ("dress", "shirt", "toptee")]
+        if bad_categories:
+            raise ValueError(f"eval.fashioniq_categories has unknown {bad_categories}; known: dress, shirt, toptee")
+        if self.top_k < 50:
+            raise ValueError("eval.top_k must be >= 50 (the CIRR and CIRCO servers read 50 predictions per query)")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"eval.device={self.device!r} must be auto, cuda or cpu")
 
 
 @dataclass
@@ -314,10 +335,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must read key.path=value")
+        key, _, raw_value = override.partition("=")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            # `OmegaConf.update` walks list indices (`data.sources.0.path=...`), which a merged dotlist cannot.
+            value = OmegaConf.from_dotlist([f"value={raw_value}"])["value"]
+            OmegaConf.update(merged, key.strip(), value, merge=True, force_add=False)
         except OmegaConfBaseException as error:
             raise ConfigError(f"{where} (override {override!r}): {_describe(error, '')}") from error
+        except (TypeError, IndexError, KeyError, ValueError) as error:
+            raise ConfigError(f"{where} (override {override!r}): {key}: {error}") from error
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{where}: missing required value(s): {', '.join(missing)}")

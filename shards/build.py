@@ -1,0 +1,279 @@
+"""Building a shard set: sources -> mixture -> noun phrases -> seeded shard plan -> tar shards in parallel -> index.
+
+The plan (which triplet goes into which shard, in which order) depends only on the config and the raw data, so
+the same seed gives the same bytes. Shards are written by `shards.shard_writer` in parallel processes; a re-run
+reuses every shard whose sidecar matches its plan and whose bytes still hash right, and rebuilds the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shards.backbone import CONTEXT_LENGTH, tokenizer_name
+from shards.config import DataConfig, NounPhraseConfig, SourceConfig
+from shards.format import SCHEMA_VERSION, ShardEntry, ShardIndex, file_sha256, sanitize_key, shard_name
+from shards.noun_phrases import Extraction, NounPhrase, extract_noun_phrases, stanza_model_dir
+from shards.shard_writer import (
+    SampleSpec,
+    ShardResult,
+    ShardTask,
+    complete_result,
+    write_json_atomically,
+    write_shard,
+)
+from shards.sources import SourceError, Triplet, mixture, read_source
+from shards.tokens import TRUNCATED
+
+logger = logging.getLogger(__name__)
+
+_SHARD_FILE = re.compile(r"^shard-(\d{6})\.tar(\.done\.json|\.tmp)?$")
+
+
+@dataclass
+class BuildReport:
+    """Outcome of a build: the index written and per-source statistics."""
+
+    index_path: Path
+    samples: int
+    shards: int
+    rebuilt: int
+    """Shards written by this run (the others were complete already)."""
+    sources: dict[str, dict]
+
+    @property
+    def skipped(self) -> int:
+        return sum(stats["skipped"] for stats in self.sources.values())
+
+    def summary(self) -> str:
+        """`built N samples in S shards; skipped K (source: reason=count ...)`."""
+        parts = [
+            f"{name}: " + " ".join(f"{reason}={count}" for reason, count in sorted(stats["skip_reasons"].items()))
+            for name, stats in self.sources.items()
+            if stats["skipped"]
+        ]
+        detail = f" ({'; '.join(parts)})" if parts else ""
+        return f"built {self.samples} samples in {self.shards} shards; skipped {self.skipped}{detail}"
+
+
+def _fingerprint(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode("utf-8")).hexdigest()
+
+
+def _cached_noun_phrases(
+    source: SourceConfig, config: NounPhraseConfig, captions: list[str], shards_dir: Path
+) -> Extraction:
+    """Noun phrases of a source's captions, reusing the previous run's results (a stanza parse is slow)."""
+    cache_path = shards_dir / f"noun_phrases-{sanitize_key(source.name)}.json"
+    settings = {"parser": config.parser, "max_nps": config.max_nps}
+    if config.parser == "trees" and source.trees and Path(source.trees).is_file():
+        settings["trees_sha256"] = file_sha256(source.trees)
+    elif config.parser == "stanza":
+        settings["stanza_dir"] = str(stanza_model_dir(config))
+    cached = Extraction({}, {})
+    if cache_path.is_file():
+        try:
+            payload = json.loads(cache_path.read_text())
+            if payload.get("settings") == settings:
+                cached.skipped = dict(payload["skipped"])
+                cached.noun_phrases = {c: [NounPhrase(*p) for p in ps] for c, ps in payload["noun_phrases"].items()}
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring unreadable noun-phrase cache %s", cache_path)
+    unique = list(dict.fromkeys(captions))
+    missing = [c for c in unique if c not in cached.noun_phrases and c not in cached.skipped]
+    if missing or not cache_path.is_file():
+        fresh = extract_noun_phrases(missing, config, source.trees)
+        cached.noun_phrases.update(fresh.noun_phrases)
+        cached.skipped.update(fresh.skipped)
+        kept = set(unique)
+        write_json_atomically(
+            cache_path,
+            {
+                "settings": settings,
+                "noun_phrases": {
+                    c: [[p.text, p.start, p.end] for p in ps] for c, ps in cached.noun_phrases.items() if c in kept
+                },
+                "skipped": {c: reason for c, reason in cached.skipped.items() if c in kept},
+            },
+        )
+    return cached
+
+
+def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[ShardTask], dict[str, dict]]:
+    """Read the sources, sample the mixture, find noun phrases and split the samples into shard tasks."""
+    if not data.sources:
+        raise SourceError("data.sources is empty: nothing to build")
+    triplets = {source.name: read_source(source) for source in data.sources}
+    items = mixture(data.sources, triplets, data.seed)
+    stats: dict[str, dict] = {
+        source.name: {
+            "kind": source.kind,
+            "weight": source.weight,
+            "read": len(triplets[source.name]),
+            "taken": 0,
+            "skip_reasons": Counter(),
+        }
+        for source in data.sources
+    }
+    extractions = {
+        source.name: _cached_noun_phrases(
+            source, data.noun_phrases, [t.caption for t in triplets[source.name]], shards_dir
+        )
+        for source in data.sources
+    }
+    specs: list[SampleSpec] = []
+    for item in items:
+        triplet: Triplet = item.triplet
+        source_stats = stats[triplet.source]
+        source_stats["taken"] += 1
+        extraction = extractions[triplet.source]
+        if triplet.reference_path is None or triplet.target_path is None:
+            source_stats["skip_reasons"]["unknown_image_name"] += 1
+            continue
+        if triplet.caption in extraction.skipped:
+            source_stats["skip_reasons"][extraction.skipped[triplet.caption]] += 1
+            continue
+        phrases = [(p.text, p.start, p.end) for p in extraction.noun_phrases[triplet.caption]]
+        specs.append(
+            SampleSpec(
+                key=item.key,
+                id=triplet.id,
+                source=triplet.source,
+                copy=item.copy,
+                caption=triplet.caption,
+                reference_name=triplet.reference_name,
+                target_name=triplet.target_name,
+                reference_path=triplet.reference_path,
+                target_path=triplet.target_path,
+                noun_phrases=phrases,
+            )
+        )
+    random.Random(data.seed).shuffle(specs)
+    settings = {
+        "schema_version": SCHEMA_VERSION,
+        "tokenizer": tokenizer_name(backbone),
+        "np_length": data.noun_phrases.np_length,
+        "image_short_side": data.image_short_side,
+        "jpeg_quality": data.jpeg_quality,
+    }
+    tasks = []
+    for number, begin in enumerate(range(0, len(specs), data.samples_per_shard)):
+        chunk = specs[begin : begin + data.samples_per_shard]
+        task = ShardTask(
+            number=number,
+            path=str(shards_dir / shard_name(number)),
+            samples=chunk,
+            backbone=backbone,
+            np_length=data.noun_phrases.np_length,
+            image_short_side=data.image_short_side,
+            jpeg_quality=data.jpeg_quality,
+        )
+        task.fingerprint = _fingerprint({"settings": settings, "samples": [asdict(spec) for spec in chunk]})
+        tasks.append(task)
+    return tasks, stats
+
+
+def _run(tasks: Sequence[ShardTask], workers: int, total: int, done: int, progress: bool) -> list[ShardResult]:
+    results = []
+    with tqdm(total=total, initial=done, unit="triplet", desc="building shards", disable=not progress) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                results.append(write_shard(task))
+                bar.update(len(task.samples))
+            return results
+        # fork: workers inherit the loaded tokenizer and modules instead of re-importing torch per process.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        sizes = {Path(task.path).name: len(task.samples) for task in tasks}
+        with multiprocessing.get_context(method).Pool(min(workers, len(tasks))) as pool:
+            for result in pool.imap_unordered(write_shard, tasks):
+                results.append(result)
+                bar.update(sizes[result.name])
+    return results
+
+
+def _remove_stale(shards_dir: Path, count: int) -> None:
+    """Remove shard files of an earlier, larger plan and temporaries of an interrupted run."""
+    for path in shards_dir.iterdir():
+        match = _SHARD_FILE.match(path.name)
+        if match and (int(match.group(1)) >= count or match.group(2) == ".tmp"):
+            logger.info("removing stale %s", path)
+            path.unlink()
+
+
+def build_shards(data: DataConfig, backbone: str, progress: bool = True) -> BuildReport:
+    """Build (or finish building) the shard set of `data` for `backbone`'s tokenizer, then write `index.json`.
+
+    Args:
+        data: the config's `data` section (sources, shard settings, noun-phrase settings, seed).
+        backbone: `model.backbone`; its open_clip tokenizer makes the ids and is recorded in the index.
+        progress: show a tqdm bar.
+
+    Raises:
+        SourceError: an annotation file is missing or malformed.
+        NounPhraseError: the noun-phrase parser cannot run (stanza models or tree sidecar missing).
+    """
+    shards_dir = Path(data.shards_dir)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    tasks, stats = _plan(data, backbone, shards_dir)
+    _remove_stale(shards_dir, len(tasks))
+    results: dict[int, ShardResult] = {}
+    pending = []
+    for task in tasks:
+        result = complete_result(task)
+        if result is None:
+            pending.append(task)
+        else:
+            results[task.number] = result
+    if results:
+        logger.info("%d of %d shards are complete already", len(results), len(tasks))
+    workers = data.build_workers or os.cpu_count() or 1
+    total = sum(len(task.samples) for task in tasks)
+    done = total - sum(len(task.samples) for task in pending)
+    numbers = {Path(task.path).name: task.number for task in tasks}
+    for result in _run(pending, workers, total, done, progress):
+        results[numbers[result.name]] = result
+    ordered = [results[number] for number in sorted(results)]
+    for source_stats in stats.values():
+        source_stats.update(samples=0, noun_phrases=0, truncated_nps=0, dropped_nps=Counter())
+    for result in ordered:
+        for source, reasons in result.skipped.items():
+            stats[source]["skip_reasons"].update(reasons)
+        for source, reasons in result.dropped_nps.items():
+            stats[source]["dropped_nps"].update(reasons)
+        for source, kept in result.kept_nps.items():
+            stats[source]["noun_phrases"] += kept
+    for source_stats in stats.values():
+        source_stats["skip_reasons"] = dict(sorted(source_stats["skip_reasons"].items()))
+        source_stats["skipped"] = sum(source_stats["skip_reasons"].values())
+        source_stats["samples"] = source_stats["taken"] - source_stats["skipped"]
+        source_stats["truncated_nps"] = source_stats["dropped_nps"].get(TRUNCATED, 0)
+        source_stats["dropped_nps"] = dict(sorted(source_stats["dropped_nps"].items()))
+    index = ShardIndex(
+        tokenizer=tokenizer_name(backbone),
+        context_length=CONTEXT_LENGTH,
+        noun_phrases={
+            "parser": data.noun_phrases.parser,
+            "max_nps": data.noun_phrases.max_nps,
+            "np_length": data.noun_phrases.np_length,
+        },
+        image_short_side=data.image_short_side,
+        seed=data.seed,
+        # A shard whose every triplet was skipped stays on disk (it is complete) but is not worth streaming.
+        shards=[ShardEntry(result.name, result.count, result.sha256) for result in ordered if result.count],
+        sources=stats,
+    )
+    written = sum(result.count for result in ordered)
+    if written != sum(s["samples"] for s in stats.values()):
+        raise RuntimeError(f"shard counts ({written}) disagree with the source statistics; rebuild {shards_dir}")
+    return BuildReport(index.save(shards_dir), written, len(index.shards), len(pending), stats)

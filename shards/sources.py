@@ -1,0 +1,234 @@
+"""Raw CIR datasets as triplets: readers for the CIRR layout, LaSCo JSON and JSONL manifests, and their mixture.
+
+Every reader returns `Triplet`s in file order with a stable id `<source name>-<native id>`. Image paths are
+resolved here but not opened: a missing or unreadable image is the shard builder's business (skip and count),
+while a missing or malformed annotation file is an error that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shards.config import SourceConfig
+from shards.format import sanitize_key
+
+
+class SourceError(ValueError):
+    """An annotation file that is missing or cannot be read as its source kind; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """(reference image, modification caption, target image) of one raw dataset."""
+
+    id: str
+    """Stable id: `<source name>-<pairid | qid | id>`."""
+    source: str
+    """Name of the source (`SourceConfig.name`)."""
+    caption: str
+    reference_name: str
+    """The dataset's own name of the reference image (CIRR image name, COCO path, manifest path)."""
+    target_name: str
+    reference_path: str | None
+    """Resolved image file; None when the dataset's image list does not know `reference_name`."""
+    target_path: str | None
+
+
+@dataclass(frozen=True)
+class MixtureItem:
+    """One sample of the aggregated mixture: a triplet, possibly one of several copies of it."""
+
+    key: str
+    """Unique sample key (`shards.format` rules); copies after the first carry a `-rN` suffix."""
+    triplet: Triplet
+    copy: int
+    """0 for the first copy of the triplet, 1, 2, ... for the repeats a weight above 1 asks for."""
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise SourceError(f"{what} not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SourceError(f"{path}: not valid JSON ({error})") from error
+
+
+def _resolve(root: Path, relative: str) -> str:
+    return os.path.normpath(root / relative)
+
+
+def _require(entry: Any, keys: Sequence[str], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise SourceError(f"{where}: expected an object, got {type(entry).__name__}")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise SourceError(f"{where}: missing key(s) {missing}")
+
+
+def read_cirr(source: SourceConfig) -> list[Triplet]:
+    """Triplets of `<path>/cirr/captions/cap.rc2.{split}.json`, images named through `split.rc2.{split}.json`.
+
+    Raises:
+        SourceError: an annotation file is missing or malformed, or the split has no targets (test1).
+    """
+    root = Path(source.path)
+    captions_path = root / "cirr" / "captions" / f"cap.rc2.{source.split}.json"
+    images_path = root / "cirr" / "image_splits" / f"split.rc2.{source.split}.json"
+    entries = _load_json(captions_path, f"CIRR captions of split {source.split!r}")
+    image_paths = _load_json(images_path, f"CIRR image split of split {source.split!r}")
+    if not isinstance(entries, list) or not isinstance(image_paths, dict):
+        raise SourceError(f"{captions_path} must hold a list and {images_path} an object of name -> path")
+    triplets = []
+    for position, entry in enumerate(entries):
+        where = f"{captions_path} entry {position}"
+        _require(entry, ("pairid", "reference", "caption"), where)
+        if entry.get("target_hard") is None:
+            raise SourceError(
+                f"{where} (pairid {entry['pairid']}) has no target_hard: split {source.split!r} has no targets "
+                "and cannot be built into training shards (test1 is for submissions only)"
+            )
+        reference, target = str(entry["reference"]), str(entry["target_hard"])
+        triplets.append(
+            Triplet(
+                id=f"{source.name}-{entry['pairid']}",
+                source=source.name,
+                caption=str(entry["caption"]),
+                reference_name=reference,
+                target_name=target,
+                reference_path=_resolve(root, image_paths[reference]) if reference in image_paths else None,
+                target_path=_resolve(root, image_paths[target]) if target in image_paths else None,
+            )
+        )
+    return triplets
+
+
+def _lasco_image(entry: dict, field: str, where: str) -> str:
+    value = entry[field]
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], str):
+        raise SourceError(f"{where}: {field!r} must be [coco_id, relative path], got {value!r}")
+    return value[1]
+
+
+def read_lasco(source: SourceConfig) -> list[Triplet]:
+    """Triplets of a LaSCo `lasco_{split}.json`; image paths are relative to `image_root` (the COCO root).
+
+    Raises:
+        SourceError: the file is missing or an entry is malformed.
+    """
+    path = Path(source.path)
+    entries = _load_json(path, "LaSCo annotation file")
+    if not isinstance(entries, list):
+        raise SourceError(f"{path}: expected a list of LaSCo entries")
+    image_root = Path(source.image_root or ".")
+    triplets = []
+    for position, entry in enumerate(entries):
+        where = f"{path} entry {position}"
+        _require(entry, ("qid", "query-image", "query-text", "target-image"), where)
+        reference = _lasco_image(entry, "query-image", where)
+        target = _lasco_image(entry, "target-image", where)
+        triplets.append(
+            Triplet(
+                id=f"{source.name}-{entry['qid']}",
+                source=source.name,
+                caption=str(entry["query-text"]),
+                reference_name=reference,
+                target_name=target,
+                reference_path=_resolve(image_root, reference),
+                target_path=_resolve(image_root, target),
+            )
+        )
+    return triplets
+
+
+def read_jsonl(source: SourceConfig) -> list[Triplet]:
+    """Triplets of a JSONL manifest, one `{"id", "reference", "target", "caption"}` a line.
+
+    Image paths are relative to the manifest's directory. Blank lines are ignored.
+
+    Raises:
+        SourceError: the manifest is missing, or a line is not a JSON object with those keys (file and line named).
+    """
+    path = Path(source.path)
+    if not path.is_file():
+        raise SourceError(f"JSONL manifest not found: {path}")
+    root = path.parent
+    triplets = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SourceError(f"{where}: not valid JSON ({error.msg})") from error
+            _require(entry, ("id", "reference", "target", "caption"), where)
+            reference, target = str(entry["reference"]), str(entry["target"])
+            triplets.append(
+                Triplet(
+                    id=f"{source.name}-{entry['id']}",
+                    source=source.name,
+                    caption=str(entry["caption"]),
+                    reference_name=reference,
+                    target_name=target,
+                    reference_path=_resolve(root, reference),
+                    target_path=_resolve(root, target),
+                )
+            )
+    return triplets
+
+
+_READERS = {"cirr": read_cirr, "lasco": read_lasco, "jsonl": read_jsonl}
+
+
+def read_source(source: SourceConfig) -> list[Triplet]:
+    """The triplets of one configured source, through the reader of its kind."""
+    return _READERS[source.kind](source)
+
+
+def _copies(weight: float, rng: random.Random) -> int:
+    whole = math.floor(weight)
+    return whole + (1 if rng.random() < weight - whole else 0)
+
+
+def _source_seed(seed: int, name: str) -> int:
+    # A stable per-source stream: adding or reordering sources does not change another source's draws.
+    return (seed * 1_000_003) ^ zlib.crc32(name.encode("utf-8"))
+
+
+def mixture(
+    sources: Sequence[SourceConfig], triplets_by_source: dict[str, list[Triplet]], seed: int
+) -> list[MixtureItem]:
+    """The weighted mixture: each triplet taken floor(weight) times plus once more with probability frac(weight).
+
+    The draws are seeded by `seed` and the source name, so the mixture is the same for the same seed.
+
+    Raises:
+        SourceError: two samples would share a key (duplicate ids in a source, or ids equal after sanitising).
+    """
+    items: list[MixtureItem] = []
+    owners: dict[str, str] = {}
+    for source in sources:
+        rng = random.Random(_source_seed(seed, source.name))
+        for triplet in triplets_by_source[source.name]:
+            base = sanitize_key(triplet.id)
+            for copy in range(_copies(source.weight, rng)):
+                key = base if copy == 0 else f"{base}-r{copy}"
+                if key in owners:
+                    raise SourceError(
+                        f"sample key {key!r} of triplet {triplet.id!r} is not unique (also from {owners[key]!r}); "
+                        f"ids in source {source.name!r} must be unique"
+                    )
+                owners[key] = triplet.id
+                items.append(MixtureItem(key=key, triplet=triplet, copy=copy))
+    return items
