@@ -1,0 +1,78 @@
+"""The separate evaluation job: score one checkpoint, or watch a run and score each checkpoint as it lands.
+
+    python launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
+    python launch/eval.py --config configs/vith.yaml --watch [--until-step N] [--benchmarks cirr,circo]
+    ray job submit --working-dir . -- python launch/eval.py --config configs/vith.yaml --watch
+
+Loads only `model.safetensors` plus the checkpoint's saved config; writes `<run>/eval/step_XXXXXXXX.json`,
+TensorBoard `eval/<benchmark>/<metric>`, and `<run>/eval/best.json`, and prints the model beside three baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+
+KNOWN = ("cirr", "circo", "fashioniq", "patterncir", "synthetic")
+
+
+def add_arguments(parser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--checkpoint", help="a checkpoint directory, or <run>/checkpoints/latest")
+    target.add_argument("--watch", action="store_true", help="poll the run's checkpoints and score each once")
+    parser.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(KNOWN)} (default: eval.benchmarks)")
+    parser.add_argument("--until-step", type=int, help="watch: stop once a checkpoint at or past this step is scored")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, config = parse_config_args(argv, "ConText-CIR evaluation job", add_arguments)
+        benchmarks = [name.strip() for name in args.benchmarks.split(",")] if args.benchmarks else None
+        unknown = [name for name in benchmarks or () if name not in KNOWN]
+        if unknown:
+            raise ConfigError(f"--benchmarks has unknown {unknown}; known: {', '.join(KNOWN)}")
+        from training.evaluation.benchmarks import unset_roots
+
+        missing = unset_roots(config.eval, benchmarks or config.eval.benchmarks)
+        if missing:
+            raise ConfigError(f"{args.config}: {', '.join(missing)} must be set to evaluate those benchmarks")
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    # Our own progress at INFO; libraries (open_clip logs model creation on the root logger) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)
+    from training.evaluation.benchmarks import BenchmarkError
+    from training.evaluation.runner import CheckpointError, Evaluator, format_table, result_path
+    from training.evaluation.watcher import CheckpointWatcher
+
+    evaluator = Evaluator(config, benchmarks)
+    try:
+        evaluator.load_benchmarks()
+        if args.checkpoint:
+            print(format_table(evaluator.evaluate(args.checkpoint)), flush=True)
+            return 0
+        watcher = CheckpointWatcher(
+            config.run_dir,
+            evaluator.evaluate,
+            config.eval.poll_seconds,
+            final_step=config.train.steps,
+            until_step=args.until_step,
+            on_result=lambda step, result: print(format_table(result), flush=True),
+            already_scored=lambda step: result_path(config.run_dir, step).is_file(),
+        )
+        print(f"watching {config.run_dir / 'checkpoints'} every {config.eval.poll_seconds:g} s", flush=True)
+        watcher.run()
+    except (BenchmarkError, CheckpointError) as error:
+        print(f"eval error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`launch/eval.py --checkpoint` on every benchmark layout at once: what a user sees in the JSON, TensorBoard,
+`best.json`, the submission files and the printed table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_fixtures import write_checkpoint, write_circo, write_cirr_layout, write_fashioniq, write_synthetic
+from PIL import Image
+
+from shards.backbone import eval_transform, tokenizer
+from training.config import load_config
+from training.evaluation.benchmarks.synthetic import read_synthetic
+from training.evaluation.metrics import box_share
+from training.evaluation.scoring import EncodeSettings, score_split
+from training.evaluation.spans import phrase_span_finder
+from training.evaluation.submissions import validate_circo_submission, validate_cirr_submission
+from training.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+CIRR_KEYS = {"recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2", "recall_subset@3"}
+CIRR_KEYS |= {"avg"}
+EXPECTED_KEYS = {
+    "cirr": CIRR_KEYS,
+    "circo": {"recall@1", "recall@5", "recall@10", "recall@25", "recall@50", "map@5", "map@10", "map@25", "map@50"},
+    "fashioniq": {"recall@10", "recall@50", "avg"}
+    | {f"{category}/recall@{k}" for category in ("dress", "shirt", "toptee") for k in (10, 50)},
+    "patterncir": {"recall@1", "recall@5", "recall@10", "recall@20", "recall@50"}
+    | {"recall_subset@1", "recall_subset@2", "recall_subset@3"},
+    "synthetic": CIRR_KEYS | {"grounding"},
+}
+
+
+def _eval_main():
+    spec = importlib.util.spec_from_file_location("launch_eval", REPO / "launch" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("benchmarks")
+    write_cirr_layout(base / "cirr", "val", "dev", sets=2)
+    write_cirr_layout(base / "cirr", "test1", "test1", sets=9, labelled=False)  # 54 images: 50 left after the reference
+    write_circo(base / "circo", gallery=52, labelled_queries=3, test_queries=3)
+    write_fashioniq(base / "fashioniq")
+    write_cirr_layout(base / "patterncir", "test1", "test1", sets=2, seed=7)
+    write_synthetic(base / "synthetic", sets=2)
+    return {name: base / name for name in EXPECTED_KEYS}
+
+
+def _overrides(tmp_path: Path, roots: dict[str, Path]) -> list[str]:
+    return [
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        *(f"eval.{name}_root={root}" for name, root in roots.items()),
+        "eval.splits=[val,test]",
+        "eval.loader_workers=1",
+        "eval.batch_size=16",
+        "eval.device=cpu",
+    ]
+
+
+@pytest.mark.slow  # ~20-30 s on a shared 2-core machine: five benchmarks, two submissions, a loader worker
+def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
+    overrides = _overrides(tmp_path, roots)
+    config = load_config(TINY, overrides)
+    write_checkpoint(config.run_dir, 100, config)
+    latest = config.run_dir / "checkpoints" / "latest"
+    benchmarks = ",".join(EXPECTED_KEYS)
+    assert _eval_main()(["--config", TINY, "--checkpoint", str(latest), "--benchmarks", benchmarks, *overrides]) == 0
+
+    result = json.loads((config.run_dir / "eval" / "step_00000100.json").read_text())
+    assert result["step"] == 100 and result["config"]["eval"]["synthetic_root"] == str(roots["synthetic"])
+    assert result["checkpoint_config"]["model"]["backbone"] == "ContextTiny"
+    for name, keys in EXPECTED_KEYS.items():
+        entry = result["benchmarks"][name]
+        assert set(entry["metrics"]) == keys, name
+        assert set(entry["baselines"]) == {"image_only", "text_only", "image_text_sum"}
+        # Baselines have no attention maps, so grounding is the model's alone.
+        assert all(set(metrics) == keys - {"grounding"} for metrics in entry["baselines"].values()), name
+        for metrics in (entry["metrics"], *entry["baselines"].values()):
+            assert all(0.0 <= value <= 1.0 for value in metrics.values()), (name, metrics)
+        assert entry["version"], name
+
+    # Predictions agree with the metrics, and CIRR's protocol never predicts the query's own reference.
+    cirr_captions = json.loads((roots["cirr"] / "cirr" / "captions" / "cap.rc2.val.json").read_text())
+    predictions = result["benchmarks"]["cirr"]["predictions"]
+    assert len(predictions) == len(cirr_captions)
+    for entry in cirr_captions:
+        ranked = predictions[str(entry["pairid"])]
+        assert len(ranked) == 11 and entry["reference"] not in ranked and len(set(ranked)) == 11
+    hits = [predictions[str(entry["pairid"])][0] == entry["target_hard"] for entry in cirr_captions]
+    assert result["benchmarks"]["cirr"]["metrics"]["recall@1"] == pytest.approx(sum(hits) / len(hits))
+    # CIRCO keeps the reference: the image-only baseline finds the reference itself first, never the target.
+    assert result["benchmarks"]["circo"]["baselines"]["image_only"]["recall@1"] == 0.0
+    assert len(result["benchmarks"]["circo"]["predictions"]["0"]) == 50
+    assert result["benchmarks"]["synthetic"]["details"]["grounding_phrases"] == 4
+
+    # Submission files exist and pass the servers' rules when read back.
+    test1 = json.loads((roots["cirr"] / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    gallery = json.loads((roots["cirr"] / "cirr" / "image_splits" / "split.rc2.test1.json").read_text())
+    pairs = {str(entry["pairid"]): (entry["reference"], entry["img_set"]["members"]) for entry in test1}
+    cirr_files = [Path(path) for path in result["submissions"]["cirr"]]
+    for path, metric in zip(cirr_files, ("recall", "recall_subset")):
+        validate_cirr_submission(json.loads(path.read_text()), metric, pairs, gallery)
+    circo_file = Path(result["submissions"]["circo"][0])
+    validate_circo_submission(json.loads(circo_file.read_text()), ["0", "1", "2"], [str(100 + i) for i in range(52)])
+
+    best = json.loads((config.run_dir / "eval" / "best.json").read_text())
+    assert best["metric"] == "synthetic/recall@1" and best["step"] == 100
+    assert best["value"] == result["benchmarks"]["synthetic"]["metrics"]["recall@1"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(config.run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "eval/synthetic/recall@1" in scalars and "eval/fashioniq/dress/recall@10" in scalars
+    assert [event.step for event in events.Scalars("eval/circo/map@5")] == [100]
+
+    printed = capsys.readouterr().out
+    assert "synthetic [val] 4 queries, gallery 12" in printed and "image_text_sum" in printed
+    assert "recall_subset@1" in printed and "fashioniq [val] 6 queries, gallery 15 over 3 parts" in printed
+
+    # --watch on the same run: the final checkpoint (train.steps=100) already has its result, so it exits at once.
+    before = (config.run_dir / "eval" / "step_00000100.json").stat().st_mtime_ns
+    assert _eval_main()(["--config", TINY, "--watch", "--benchmarks", "synthetic", *overrides, "train.steps=100"]) == 0
+    assert (config.run_dir / "eval" / "step_00000100.json").stat().st_mtime_ns == before
+    assert json.loads((config.run_dir / "eval" / "watch_state.json").read_text())["done"]["100"]["adopted"]
+
+
+def test_bad_invocations_exit_before_work(tmp_path, roots, capsys) -> None:
+    main = _eval_main()
+    overrides = _overrides(tmp_path, roots)
+    assert main(["--config", TINY, "--checkpoint", "x", "--benchmarks", "cirr,nope", *overrides]) == 2
+    assert main(["--config", TINY, "--checkpoint", "x", "--benchmarks", "circo"]) == 2
+    assert main(["--config", TINY, "--checkpoint", "x", "eval.nope=1"]) == 2
+    config = load_config(TINY, overrides)
+    partial = write_checkpoint(config.run_dir, 5, config, complete=False)
+    assert main(["--config", TINY, "--checkpoint", str(partial), "--benchmarks", "synthetic", *overrides]) == 1
+    assert "no COMPLETE marker" in capsys.readouterr().err
+    assert not (config.run_dir / "eval" / "step_00000005.json").exists()
+
+
+def test_grounding_score_is_the_in_box_share_of_concept_maps(tmp_path) -> None:
+    """The synthetic grounding equals the mean in-box share computed directly from `ConTextCIR.concept_maps`."""
+    write_synthetic(tmp_path, sets=1)
+    split = read_synthetic(tmp_path)
+    config = load_config(TINY)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    find_spans = phrase_span_finder("ContextTiny")
+    settings = EncodeSettings(
+        eval_transform("ContextTiny"), tokenizer("ContextTiny"), torch.device("cpu"), 4, 0, find_spans=find_spans
+    )
+    scores = score_split(model, split, settings)
+    transform, tokenize = eval_transform("ContextTiny"), tokenizer("ContextTiny")
+    shares = []
+    with torch.no_grad():
+        for query in split.queries:
+            (span,) = find_spans(query.text, query.phrases)
+            pixels = transform(Image.open(split.image_paths[query.reference]).convert("RGB"))[None]
+            maps = model.concept_maps(
+                pixels, tokenize([query.text]), torch.tensor([[span]]), torch.tensor([[True]])
+            )  # fixture images are square, so the box needs no crop mapping
+            shares.append(box_share(maps[0, 0].numpy(), query.phrases[0].box))
+    assert scores.metrics["model"]["grounding"] == pytest.approx(float(np.mean(shares)), abs=1e-6)
+    assert 0.0 < scores.metrics["model"]["grounding"] < 1.0

@@ -1,0 +1,108 @@
+"""Watch mode: checkpoints appear over time, one stays partial; each complete one is scored exactly once, the
+partial one never, and restarted watchers redo nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from eval_fixtures import write_checkpoint, write_synthetic
+
+from training import checkpoint_layout as layout
+from training.config import load_config
+from training.evaluation.runner import Evaluator, result_path
+from training.evaluation.watcher import CheckpointWatcher, WatchState
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def config(tmp_path):
+    write_synthetic(tmp_path / "synthetic", sets=2)
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"cluster.storage_path={tmp_path / 'runs'}",
+            f"eval.synthetic_root={tmp_path / 'synthetic'}",
+            "eval.loader_workers=0",
+            "eval.device=cpu",
+            "eval.poll_seconds=0.05",
+            "train.steps=30",
+        ],
+    )
+
+
+def test_each_complete_checkpoint_scored_once_partial_never(config) -> None:
+    run_dir = config.run_dir
+    evaluator = Evaluator(config)
+    calls: Counter[int] = Counter()
+
+    def evaluate(path: Path) -> dict:
+        calls[layout.step_of(path)] += 1
+        return evaluator.evaluate(path)
+
+    write_checkpoint(run_dir, 10, config)
+    # First watcher stops at --until-step 10.
+    first = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.05, final_step=30, until_step=10)
+    assert first.run(max_scans=50) == [10]
+
+    # While the restarted watcher polls, a partial checkpoint (no COMPLETE) and then the final one appear.
+    def train() -> None:
+        time.sleep(0.2)
+        write_checkpoint(run_dir, 20, config, complete=False)
+        time.sleep(0.3)
+        write_checkpoint(run_dir, 30, config)
+
+    writer = threading.Thread(target=train)
+    writer.start()
+    second = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.05, final_step=30)
+    try:
+        evaluated = second.run(max_scans=400)
+    finally:
+        writer.join()
+    assert evaluated == [30], "the restarted watcher must skip step 10 and never read the partial step 20"
+    assert second.finished()
+
+    # A third start finds the final checkpoint scored and does nothing, even with the partial one still there.
+    third = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.05, final_step=30)
+    assert third.run(max_scans=3) == []
+    assert calls == Counter({10: 1, 30: 1})
+    # Lost state (a crash between writing a result and recording it): existing results are adopted, not redone.
+    (run_dir / "eval" / "watch_state.json").unlink()
+    fourth = CheckpointWatcher(
+        run_dir, evaluate, poll_seconds=0.05, final_step=30, already_scored=lambda s: result_path(run_dir, s).is_file()
+    )
+    assert fourth.run(max_scans=3) == [] and fourth.finished()
+    assert calls == Counter({10: 1, 30: 1})
+    assert result_path(run_dir, 10).is_file() and result_path(run_dir, 30).is_file()
+    assert not result_path(run_dir, 20).exists()
+    state = json.loads((run_dir / "eval" / "watch_state.json").read_text())
+    assert sorted(state["done"]) == ["10", "30"]
+    assert json.loads((run_dir / "eval" / "best.json").read_text())["step"] in (10, 30)
+
+
+def test_watch_state_survives_reload_and_rejects_garbage(tmp_path) -> None:
+    state = WatchState(tmp_path / "eval" / "watch_state.json")
+    state.record(100, checkpoint="a")
+    assert 100 in WatchState(tmp_path / "eval" / "watch_state.json")
+    (tmp_path / "eval" / "watch_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="watch_state.json"):
+        WatchState(tmp_path / "eval" / "watch_state.json")
+
+
+def test_until_step_stops_at_the_first_checkpoint_past_it(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    for step in (5, 10, 15, 20):
+        path = layout.checkpoint_dir(run_dir, step)
+        path.mkdir(parents=True)
+        layout.mark_complete(path)
+    seen: list[int] = []
+    watcher = CheckpointWatcher(
+        run_dir, lambda path: seen.append(layout.step_of(path)), poll_seconds=0.01, until_step=12
+    )
+    assert watcher.run(max_scans=5) == [5, 10, 15]
+    assert seen == [5, 10, 15]

@@ -1,0 +1,128 @@
+"""The common shape every benchmark reader produces: queries, a gallery, image paths and a protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class BenchmarkError(ValueError):
+    """A benchmark's files are missing or malformed; the message names the path (and the entry)."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one benchmark is scored."""
+
+    recall_ks: tuple[int, ...] = ()
+    """Cut-offs of recall@K over the whole gallery."""
+    subset_ks: tuple[int, ...] = ()
+    """Cut-offs of recall_subset@K within each query's `subset` (reference removed)."""
+    map_ks: tuple[int, ...] = ()
+    """Cut-offs of CIRCO's mAP@K over each query's `ground_truth`."""
+    remove_reference: bool = True
+    """Drop the query's own reference image from its gallery ranking (CIRR, PatternCIR)."""
+    average: tuple[str, ...] = ()
+    """Metrics whose mean is reported as `avg` (CIRR: recall@5 and recall_subset@1)."""
+    grounding: bool = False
+    """Score the share of each noun phrase's attention inside its object's box (synthetic)."""
+
+
+@dataclass(frozen=True)
+class GroundedPhrase:
+    """A noun phrase of a query caption and the box of the reference-image object it names."""
+
+    text: str
+    box: tuple[float, float, float, float]
+    """(x0, y0, x1, y1) as fractions of the reference image's width and height."""
+    char_start: int | None = None
+    """Character offset of the phrase in the caption when the annotation gives it; else its first occurrence."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One composed query: reference image + text, with its labels when the split has them."""
+
+    query_id: str
+    reference: str
+    """Image name of the reference (a key of `BenchmarkSplit.image_paths`)."""
+    text: str
+    """The query text the model reads (for CIRCO and FashionIQ, already built from their fields)."""
+    target: str | None = None
+    """The single target scored by recall@K; None on an unlabelled test split."""
+    ground_truth: tuple[str, ...] = ()
+    """Every relevant image (CIRCO's gt_img_ids); scored by mAP@K."""
+    subset: tuple[str, ...] = ()
+    """The query's candidate set (CIRR's img_set.members), reference included as distributed."""
+    phrases: tuple[GroundedPhrase, ...] = ()
+
+
+@dataclass
+class BenchmarkSplit:
+    """Queries and gallery of one benchmark split (or one FashionIQ category)."""
+
+    name: str
+    """`cirr`, `circo`, `fashioniq/dress`, `patterncir`, `synthetic`."""
+    split: str
+    queries: list[Query]
+    gallery: list[str]
+    """Gallery image names, in the order the files list them."""
+    image_paths: dict[str, Path]
+    """Every image a query or the gallery names -> its file."""
+    protocol: Protocol
+    version: dict[str, Any] = field(default_factory=dict)
+    """What identifies the benchmark data: annotation files' sha256 and counts."""
+
+    @property
+    def labelled(self) -> bool:
+        """True when every query has a target (scored); False for a test split (submissions only)."""
+        return bool(self.queries) and all(query.target is not None for query in self.queries)
+
+    def gallery_index(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.gallery)}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Load a benchmark JSON file; a missing or malformed file is a BenchmarkError naming the path."""
+    if not path.is_file():
+        raise BenchmarkError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BenchmarkError(f"{what} {path} is not readable JSON: {error}") from error
+
+
+def require_keys(entry: Any, keys: tuple[str, ...], path: Path, where: str) -> None:
+    """Fail with the file and entry when an annotation lacks a field."""
+    if not isinstance(entry, dict):
+        raise BenchmarkError(f"{path}: {where} must be an object, got {type(entry).__name__}")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise BenchmarkError(f"{path}: {where} lacks {missing}")
+
+
+def require_images(image_paths: dict[str, Path], benchmark: str) -> None:
+    """Every image a benchmark names must exist before minutes of encoding start; name the missing paths."""
+    missing = [str(path) for path in image_paths.values() if not path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:3])
+        raise BenchmarkError(f"{benchmark}: {len(missing)} image file(s) missing, e.g. {shown}")
+
+
+def require_known(names: list[str] | tuple[str, ...], known: dict[str, Any], path: Path, where: str) -> None:
+    """Annotation names must all be images of the split's listing."""
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise BenchmarkError(f"{path}: {where} names image(s) {unknown} that the split's image list lacks")

@@ -1,0 +1,93 @@
+"""FashionIQ val in its distributed layout, one split per category.
+
+    <root>/captions/cap.{category}.val.json       [{"target", "candidate", "captions": [c0, c1]}, ...]
+    <root>/image_splits/split.{category}.val.json [name, ...]   (the category's gallery)
+    <root>/images/<name>.png
+
+Protocol: the query text joins the two captions as `"{c0.strip('.?, ').capitalize()} and {c1.strip('.?, ')}"`; the
+reference is NOT removed; recall@10 and recall@50 per category, averaged over the categories by the runner.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.evaluation.benchmarks.base import (
+    BenchmarkError,
+    BenchmarkSplit,
+    Protocol,
+    Query,
+    file_digest,
+    read_json,
+    require_images,
+    require_keys,
+    require_known,
+)
+
+CATEGORIES = ("dress", "shirt", "toptee")
+FASHIONIQ_PROTOCOL = Protocol(recall_ks=(10, 50), remove_reference=False)
+
+
+def fashioniq_text(captions: list[str] | tuple[str, ...]) -> str:
+    """Join FashionIQ's two relative captions the way the benchmark's evaluations do."""
+    if len(captions) != 2:
+        raise ValueError(f"a FashionIQ query has two captions, got {len(captions)}: {captions!r}")
+    first, second = captions
+    return f"{first.strip('.?, ').capitalize()} and {second.strip('.?, ')}"
+
+
+def read_fashioniq(root: str | Path, category: str, split: str = "val") -> BenchmarkSplit:
+    """Read one FashionIQ category.
+
+    Raises:
+        BenchmarkError: a missing caption/split file or image, a malformed entry, or a target the gallery lacks.
+    """
+    if category not in CATEGORIES:
+        raise BenchmarkError(f"unknown FashionIQ category {category!r}; known: {CATEGORIES}")
+    root = Path(root)
+    captions_file = root / "captions" / f"cap.{category}.{split}.json"
+    split_file = root / "image_splits" / f"split.{category}.{split}.json"
+    entries = read_json(captions_file, "FashionIQ captions")
+    listing = read_json(split_file, "FashionIQ image split")
+    if not isinstance(entries, list) or not isinstance(listing, list):
+        raise BenchmarkError(f"{captions_file} and {split_file} must both hold JSON lists")
+    gallery = list(dict.fromkeys(str(name) for name in listing))
+    known = dict.fromkeys(gallery)
+    image_paths = {name: root / "images" / f"{name}.png" for name in gallery}
+    queries = []
+    for position, entry in enumerate(entries):
+        where = f"entry {position}"
+        require_keys(entry, ("target", "candidate", "captions"), captions_file, where)
+        require_known([str(entry["target"])], known, captions_file, where)
+        try:
+            text = fashioniq_text(entry["captions"])
+        except (ValueError, AttributeError) as error:
+            raise BenchmarkError(f"{captions_file}: {where}: {error}") from error
+        reference = str(entry["candidate"])
+        image_paths.setdefault(reference, root / "images" / f"{reference}.png")
+        queries.append(
+            Query(
+                query_id=str(position),
+                reference=reference,
+                text=text,
+                target=str(entry["target"]),
+                ground_truth=(str(entry["target"]),),
+            )
+        )
+    if not queries:
+        raise BenchmarkError(f"{captions_file}: no caption entries")
+    require_images(image_paths, f"FashionIQ {category} (root {root})")
+    return BenchmarkSplit(
+        name=f"fashioniq/{category}",
+        split=split,
+        queries=queries,
+        gallery=gallery,
+        image_paths=image_paths,
+        protocol=FASHIONIQ_PROTOCOL,
+        version={
+            "captions_sha256": file_digest(captions_file),
+            "image_split_sha256": file_digest(split_file),
+            "queries": len(queries),
+            "gallery": len(gallery),
+        },
+    )

@@ -1,0 +1,219 @@
+"""Batched encoding of galleries and queries: DataLoader workers decode images, bf16 autocast on CUDA, tqdm.
+
+Every embedding comes back as float32 on the CPU, L2-normalised again after autocast so that bf16 rounding never
+tilts a ranking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.evaluation.benchmarks.base import BenchmarkSplit, GroundedPhrase
+from training.evaluation.metrics import box_share
+
+logger = logging.getLogger(__name__)
+
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+SpanFinder = Callable[[str, Sequence[GroundedPhrase]], list[tuple[int, int] | None]]
+"""(caption, phrases) -> each phrase's [start, end) token span in the caption ids, None when truncated away."""
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`auto` -> cuda when present, else cpu; `cuda` without a GPU is a clear error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("eval.device=cuda but torch sees no CUDA device")
+    return torch.device(setting)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full fp32 on CPU, where bf16 is slow and buys nothing."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ImageFiles(Dataset):
+    """Images by path, through the backbone's eval transform; also returns each image's original (width, height)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise RuntimeError(f"cannot decode image {path}: {error}") from error
+        return self.transform(image), torch.tensor(image.size, dtype=torch.int64)
+
+
+def _image_batches(
+    paths: Sequence[Path], transform, batch_size: int, workers: int, desc: str, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    loader = DataLoader(
+        ImageFiles(paths, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",  # page-locked batches let the host-to-GPU copy overlap decoding
+    )
+    start = 0
+    for pixels, sizes in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        yield start, pixels, sizes
+        start += pixels.shape[0]
+
+
+@torch.no_grad()
+def encode_images(
+    paths: Sequence[Path],
+    encoders: dict[str, ImageEncoder],
+    transform,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 2,
+    desc: str = "images",
+) -> dict[str, torch.Tensor]:
+    """Run every encoder over the images in one decoding pass.
+
+    Args:
+        paths: image files, in gallery order.
+        encoders: name -> function of a (B, 3, H, W) batch on `device` returning (B, D).
+        transform: the backbone's eval transform.
+
+    Returns:
+        name -> (len(paths), D) float32 CPU tensor, L2-normalised.
+    """
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    for _, pixels, _ in _image_batches(paths, transform, batch_size, workers, desc, device):
+        pixels = pixels.to(device, non_blocking=True)
+        with autocast(device):
+            for name, encoder in encoders.items():
+                outputs[name].append(F.normalize(encoder(pixels).float(), dim=-1).cpu())
+    return {name: torch.cat(chunks) if chunks else torch.zeros(0) for name, chunks in outputs.items()}
+
+
+def box_in_crop(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    """Map a box in fractions of the original image to fractions of the centre square the eval transform keeps.
+
+    open_clip's eval transform resizes the shortest side and centre-crops a square, so on a non-square image the
+    patch grid covers only the middle of the long side.
+    """
+    side = min(width, height)
+    offset_x, offset_y = (width - side) / 2, (height - side) / 2
+    x0, y0, x1, y1 = box
+    mapped = ((x0 * width - offset_x) / side, (y0 * height - offset_y) / side)
+    mapped += ((x1 * width - offset_x) / side, (y1 * height - offset_y) / side)
+    return tuple(float(np.clip(value, 0.0, 1.0)) for value in mapped)  # type: ignore[return-value]
+
+
+@dataclass
+class QueryEncodings:
+    """What one pass over a benchmark's queries produces."""
+
+    query: torch.Tensor
+    """(Q, D) the model's composed-query embeddings."""
+    image: torch.Tensor
+    """(Q, D) CLIP image embeddings of the references (image-only baseline)."""
+    text: torch.Tensor
+    """(Q, D) CLIP text embeddings of the query texts (text-only baseline)."""
+    grounding: list[float] = field(default_factory=list)
+    """Per grounded phrase, the share of its in-context attention inside its object's box."""
+    phrases_dropped: int = 0
+    """Phrases whose tokens fell past the 77-token context (no map to score)."""
+
+
+@torch.no_grad()
+def encode_queries(
+    model: torch.nn.Module,
+    benchmark: BenchmarkSplit,
+    transform,
+    tokenize: Callable[[list[str]], torch.Tensor],
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 2,
+    find_spans: SpanFinder | None = None,
+) -> QueryEncodings:
+    """Encode every query with the model and with both CLIP towers; score grounding when the protocol asks.
+
+    Args:
+        model: a ConTextCIR in eval mode on `device`.
+        benchmark: the split whose queries to encode.
+        tokenize: the backbone's tokenizer (list of texts -> (B, 77) int64).
+        find_spans: token spans of grounded phrases; required when `benchmark.protocol.grounding`.
+    """
+    queries = benchmark.queries
+    caption_ids = tokenize([query.text for query in queries])
+    spans: list[list[tuple[int, int] | None]] = []
+    if benchmark.protocol.grounding:
+        if find_spans is None:
+            raise ValueError(f"{benchmark.name} scores grounding but no span finder was given")
+        spans = [find_spans(query.text, query.phrases) if query.phrases else [] for query in queries]
+    result = QueryEncodings(query=torch.zeros(0), image=torch.zeros(0), text=torch.zeros(0))
+    composed, images, texts = [], [], []
+    reference_paths = [benchmark.image_paths[query.reference] for query in queries]
+    batches = _image_batches(reference_paths, transform, batch_size, workers, f"{benchmark.name} queries", device)
+    for start, pixels, sizes in batches:
+        stop = start + pixels.shape[0]
+        pixels = pixels.to(device, non_blocking=True)
+        ids = caption_ids[start:stop].to(device, non_blocking=True)
+        with autocast(device):
+            composed.append(F.normalize(model.encode_query(pixels, ids).float(), dim=-1).cpu())
+            images.append(F.normalize(model.encode_image_clip(pixels).float(), dim=-1).cpu())
+            texts.append(F.normalize(model.encode_text_clip(ids).float(), dim=-1).cpu())
+            if spans:
+                _score_grounding(model, queries[start:stop], spans[start:stop], pixels, ids, sizes, result)
+    result.query, result.image, result.text = torch.cat(composed), torch.cat(images), torch.cat(texts)
+    return result
+
+
+def _score_grounding(
+    model: torch.nn.Module,
+    queries: Sequence,
+    spans: Sequence[list[tuple[int, int] | None]],
+    pixels: torch.Tensor,
+    caption_ids: torch.Tensor,
+    sizes: torch.Tensor,
+    result: QueryEncodings,
+) -> None:
+    """Append each phrase's in-box attention share for one batch of queries."""
+    width = max((len(row) for row in spans), default=0)
+    if width == 0:
+        return
+    np_spans = torch.zeros(len(queries), width, 2, dtype=torch.int64)
+    np_mask = torch.zeros(len(queries), width, dtype=torch.bool)
+    for row, row_spans in enumerate(spans):
+        for column, span in enumerate(row_spans):
+            if span is None:
+                result.phrases_dropped += 1
+                continue
+            np_spans[row, column] = torch.tensor(span)
+            np_mask[row, column] = True
+    if not np_mask.any():
+        return
+    maps = model.concept_maps(pixels, caption_ids, np_spans.to(pixels.device), np_mask.to(pixels.device))
+    maps = maps.float().cpu().numpy()
+    for row, query in enumerate(queries):
+        image_width, image_height = (int(value) for value in sizes[row])
+        for column, phrase in enumerate(query.phrases):
+            if np_mask[row, column]:
+                box = box_in_crop(phrase.box, image_width, image_height)
+                result.grounding.append(box_share(maps[row, column], box))

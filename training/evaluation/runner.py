@@ -1,0 +1,263 @@
+"""Evaluate one checkpoint: load weights + saved config, score every benchmark, write JSON, TensorBoard, `best`.
+
+Outputs under the checkpoint's run directory:
+
+    <run>/eval/step_XXXXXXXX.json               metrics, baselines, versions, resolved config, top-k predictions
+    <run>/eval/best.json                        the best checkpoint so far by eval.select_metric
+    <run>/eval/submissions/step_XXXXXXXX/       CIRR test1 / CIRCO test files (when eval.splits has `test`)
+    <run>/tensorboard/                          eval/<benchmark>/<metric> at the checkpoint's training step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shards import backbone as backbones
+from training import checkpoint_layout as layout
+from training.config import RootConfig, load_saved_config, to_container
+from training.evaluation.benchmarks import BenchmarkSplit, scored_splits, submission_split
+from training.evaluation.encode import resolve_device
+from training.evaluation.scoring import BASELINES, MODEL, EncodeSettings, SplitScores, combine_parts, score_split
+from training.evaluation.spans import phrase_span_finder
+from training.evaluation.submissions import write_circo_submission, write_cirr_submissions
+
+logger = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+BEST = "best.json"
+TENSORBOARD = "tensorboard"
+
+
+class CheckpointError(ValueError):
+    """The path is not a complete checkpoint that eval may read."""
+
+
+def result_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"{layout.checkpoint_tag(step)}.json"
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[int, Path]:
+    """A checkpoint directory, or a run's `checkpoints/latest` pointer, -> (step, directory).
+
+    Raises:
+        CheckpointError: missing, incomplete (no COMPLETE marker), or without a step.
+    """
+    path = Path(path)
+    if path.name == layout.LATEST and path.parent.name == layout.CHECKPOINTS:
+        latest = layout.latest_complete(path.parent.parent)
+        if latest is None:
+            raise CheckpointError(f"{path}: the run has no complete checkpoint yet")
+        return latest
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not layout.is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {layout.MARKER} marker); refusing to read it")
+    step = layout.step_of(path)
+    if step is None:
+        state_file = path / layout.TRAINER_STATE
+        try:
+            step = int(json.loads(state_file.read_text())["step"])
+        except (OSError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: no step in its name or in {state_file}: {error}") from error
+    return step, path
+
+
+def run_dir_of(checkpoint: Path, fallback: Path) -> Path:
+    """`<run>` for `<run>/checkpoints/step_X`; otherwise the job config's run directory."""
+    return checkpoint.parent.parent if checkpoint.parent.name == layout.CHECKPOINTS else fallback
+
+
+def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, RootConfig]:
+    """Build the model from the checkpoint's saved config and load `model.safetensors` (no pickle anywhere)."""
+    from training.model import build_model, load_model_weights
+
+    config_file, weights_file = checkpoint / layout.CONFIG, checkpoint / layout.WEIGHTS
+    for needed in (config_file, weights_file):
+        if not needed.is_file():
+            raise CheckpointError(f"checkpoint file missing: {needed}")
+    saved = load_saved_config(config_file)
+    # The weights file holds every parameter, so nothing may be fetched or initialised from elsewhere.
+    model_config = dataclasses.replace(
+        saved.model, pretrained=None, weights_file=None, init_from=None, compile=False, grad_checkpointing=False
+    )
+    model = build_model(model_config)
+    load_model_weights(model, weights_file)
+    return model.to(device).eval(), saved
+
+
+def _benchmark_entry(split: BenchmarkSplit | list[BenchmarkSplit], scores: SplitScores) -> dict[str, Any]:
+    splits = split if isinstance(split, list) else [split]
+    versions = {part.name.split("/")[-1]: part.version for part in splits}
+    return {
+        "split": splits[0].split,
+        "version": versions if len(splits) > 1 else splits[0].version,
+        "metrics": scores.metrics.get(MODEL, {}),
+        "baselines": {name: scores.metrics.get(name, {}) for name in BASELINES},
+        "details": scores.details,
+        "predictions": scores.predictions,
+    }
+
+
+class Evaluator:
+    """Scores checkpoints of one run on the configured benchmarks; benchmark files are read once and reused."""
+
+    def __init__(self, config: RootConfig, benchmarks: list[str] | None = None) -> None:
+        self.config = config
+        self.benchmarks = list(benchmarks if benchmarks is not None else config.eval.benchmarks)
+        self.device = resolve_device(config.eval.device)
+        self._splits: dict[str, tuple[list[BenchmarkSplit], BenchmarkSplit | None]] = {}
+
+    def splits(self, name: str) -> tuple[list[BenchmarkSplit], BenchmarkSplit | None]:
+        """(scored splits, submission split) of a benchmark, read on first use."""
+        if name not in self._splits:
+            self._splits[name] = (scored_splits(name, self.config.eval), submission_split(name, self.config.eval))
+        return self._splits[name]
+
+    def load_benchmarks(self) -> None:
+        """Read every benchmark now, so missing files fail before any model is loaded."""
+        for name in self.benchmarks:
+            self.splits(name)
+
+    def evaluate(self, checkpoint: str | Path) -> dict[str, Any]:
+        """Score one complete checkpoint and write its JSON, TensorBoard scalars and the `best` pointer.
+
+        Returns:
+            The result written to `<run>/eval/step_XXXXXXXX.json`.
+        """
+        step, checkpoint_dir = resolve_checkpoint(checkpoint)
+        run_dir = run_dir_of(checkpoint_dir, self.config.run_dir)
+        self.load_benchmarks()
+        started = time.time()
+        model, saved = load_checkpoint_model(checkpoint_dir, self.device)
+        backbone = saved.model.backbone
+        settings = EncodeSettings(
+            transform=backbones.eval_transform(backbone),
+            tokenize=backbones.tokenizer(backbone),
+            device=self.device,
+            batch_size=self.config.eval.batch_size,
+            workers=self.config.eval.loader_workers,
+            top_k=self.config.eval.top_k,
+            find_spans=phrase_span_finder(backbone),
+            gallery_is_clip=saved.model.target_encoding == "clip",
+        )
+        result: dict[str, Any] = {
+            "step": step,
+            "checkpoint": str(checkpoint_dir),
+            "device": str(self.device),
+            "benchmarks": {},
+            "submissions": {},
+        }
+        for name in self.benchmarks:
+            scored, unlabelled = self.splits(name)
+            if scored:
+                parts = {split.name.split("/")[-1]: score_split(model, split, settings) for split in scored}
+                entry = _benchmark_entry(scored if len(scored) > 1 else scored[0], combine_parts(parts))
+                result["benchmarks"][name] = entry
+            if unlabelled is not None:
+                out_dir = run_dir / EVAL_DIR / "submissions" / layout.checkpoint_tag(step)
+                result["submissions"][name] = [str(path) for path in self._submit(model, unlabelled, settings, out_dir)]
+        result["seconds"] = round(time.time() - started, 2)
+        result["config"] = to_container(self.config)
+        result["checkpoint_config"] = to_container(saved)
+        del model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_result(run_dir, step, result)
+        log_tensorboard(run_dir, step, result)
+        update_best(run_dir, step, result, self.config.eval.select_metric)
+        return result
+
+    @staticmethod
+    def _submit(model, split: BenchmarkSplit, settings: EncodeSettings, out_dir: Path) -> list[Path]:
+        scores = score_split(model, split, settings)
+        if split.name == "cirr":
+            pairs = {query.query_id: (query.reference, query.subset) for query in split.queries}
+            return write_cirr_submissions(out_dir, scores.predictions, scores.subset_predictions, pairs, split.gallery)
+        query_ids = [query.query_id for query in split.queries]
+        return [write_circo_submission(out_dir, scores.predictions, query_ids, split.gallery)]
+
+
+def write_result(run_dir: Path, step: int, result: dict[str, Any]) -> Path:
+    """`<run>/eval/step_XXXXXXXX.json`, atomically."""
+    path = result_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layout.write_atomically(path, json.dumps(result, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def log_tensorboard(run_dir: Path, step: int, result: dict[str, Any]) -> None:
+    """`eval/<benchmark>/<metric>` for the model, `eval_baseline/<benchmark>/<baseline>/<metric>` beside them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD), filename_suffix=".eval")
+    try:
+        for name, entry in result["benchmarks"].items():
+            for metric, value in entry["metrics"].items():
+                writer.add_scalar(f"eval/{name}/{metric}", value, global_step=step)
+            for baseline, metrics in entry["baselines"].items():
+                for metric, value in metrics.items():
+                    writer.add_scalar(f"eval_baseline/{name}/{baseline}/{metric}", value, global_step=step)
+    finally:
+        writer.close()
+
+
+def selected_value(result: dict[str, Any], select_metric: str) -> float | None:
+    """The value `<benchmark>/<metric>` names in a result, or None when that benchmark/metric was not scored."""
+    benchmark, _, metric = select_metric.partition("/")
+    return result.get("benchmarks", {}).get(benchmark, {}).get("metrics", {}).get(metric)
+
+
+def update_best(run_dir: Path, step: int, result: dict[str, Any], select_metric: str) -> bool:
+    """Point `<run>/eval/best.json` at this checkpoint when its selected metric beats the best so far.
+
+    Returns:
+        True when the pointer now names this checkpoint.
+    """
+    value = selected_value(result, select_metric)
+    if value is None:
+        logger.warning("eval.select_metric %s was not scored at step %d; best pointer unchanged", select_metric, step)
+        return False
+    path = Path(run_dir) / EVAL_DIR / BEST
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = None
+    same_metric = current is not None and current.get("metric") == select_metric
+    if same_metric and current.get("step") != step and float(current.get("value", float("-inf"))) >= value:
+        return False
+    best = {
+        "metric": select_metric,
+        "value": value,
+        "step": step,
+        "checkpoint": result["checkpoint"],
+        "result": result_path(run_dir, step).name,
+    }
+    layout.write_atomically(path, json.dumps(best, indent=1) + "\n")
+    return True
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A readable table per benchmark: the model beside the three baselines, in percent."""
+    lines = [f"checkpoint step {result['step']} ({result['checkpoint']})"]
+    columns = (MODEL, *BASELINES)
+    for name, entry in result["benchmarks"].items():
+        version = entry["version"]
+        parts = [version] if "queries" in version else [part for part in version.values() if isinstance(part, dict)]
+        queries, gallery = (sum(int(part.get(key, 0)) for part in parts) for key in ("queries", "gallery"))
+        counts = f"{queries} queries, gallery {gallery}" + (f" over {len(parts)} parts" if len(parts) > 1 else "")
+        lines.append("")
+        lines.append(f"{name} [{entry['split']}] {counts}".rstrip())
+        lines.append(f"  {'metric':<22}" + "".join(f"{column:>16}" for column in columns))
+        for metric, value in entry["metrics"].items():
+            cells = [value] + [entry["baselines"][baseline].get(metric) for baseline in BASELINES]
+            lines.append(f"  {metric:<22}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>16}" for c in cells))
+    for name, paths in result.get("submissions", {}).items():
+        lines.append(f"{name} submission file(s): {', '.join(paths)}")
+    return "\n".join(lines)

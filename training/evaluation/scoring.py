@@ -1,0 +1,168 @@
+"""Score one benchmark split: encode, rank for the model and the three baselines, apply the split's protocol.
+
+Baselines come from the same backbone without the fusion head: `image_only` (reference CLIP image embedding vs
+gallery), `text_only` (CLIP text embedding of the query text vs gallery), `image_text_sum` (normalised sum of the
+two). Their gallery is the CLIP image embedding; the model's is `encode_gallery`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.evaluation.benchmarks.base import BenchmarkSplit
+from training.evaluation.encode import SpanFinder, encode_images, encode_queries
+from training.evaluation.metrics import (
+    NO_INDEX,
+    map_at_k,
+    rank_gallery,
+    rank_subsets,
+    recall_at_k,
+    subset_recall_at_k,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL = "model"
+BASELINES = ("image_only", "text_only", "image_text_sum")
+
+
+@dataclass
+class EncodeSettings:
+    """How to run the encoders: the backbone's transform and tokenizer, device, batch, workers."""
+
+    transform: Callable
+    tokenize: Callable[[list[str]], torch.Tensor]
+    device: torch.device
+    batch_size: int = 128
+    workers: int = 2
+    top_k: int = 50
+    find_spans: SpanFinder | None = None
+    gallery_is_clip: bool = False
+    """True when the model's gallery encoding is CLIP's image embedding, so one image pass serves both."""
+
+
+@dataclass
+class SplitScores:
+    """Everything one split yields; unlabelled splits have rankings but no metrics."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """method (`model` or a baseline) -> metric -> fraction."""
+    predictions: dict[str, list[str]] = field(default_factory=dict)
+    """query id -> the model's top-k gallery names (reference removed where the protocol removes it)."""
+    subset_predictions: dict[str, list[str]] = field(default_factory=dict)
+    """query id -> the model's ranking of its candidate set minus the reference (CIRR-style splits)."""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _names(ranking: np.ndarray, gallery: list[str]) -> list[str]:
+    return [gallery[index] for index in ranking if index != NO_INDEX]
+
+
+def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeSettings) -> SplitScores:
+    """Encode a split's gallery and queries and score the model and every baseline under its protocol."""
+    protocol = split.protocol
+    index_of = split.gallery_index()
+    gallery_paths = [split.image_paths[name] for name in split.gallery]
+    encoders = {"clip": model.encode_image_clip}
+    if not settings.gallery_is_clip:
+        encoders["gallery"] = model.encode_gallery
+    gallery = encode_images(
+        gallery_paths,
+        encoders,
+        settings.transform,
+        settings.device,
+        settings.batch_size,
+        settings.workers,
+        desc=f"{split.name} gallery",
+    )
+    gallery.setdefault("gallery", gallery["clip"])
+    queries = encode_queries(
+        model,
+        split,
+        settings.transform,
+        settings.tokenize,
+        settings.device,
+        settings.batch_size,
+        settings.workers,
+        settings.find_spans,
+    )
+    pairs = {
+        MODEL: (queries.query, gallery["gallery"]),
+        "image_only": (queries.image, gallery["clip"]),
+        "text_only": (queries.text, gallery["clip"]),
+        "image_text_sum": (F.normalize(queries.image + queries.text, dim=-1), gallery["clip"]),
+    }
+    references = np.array([index_of.get(query.reference, NO_INDEX) for query in split.queries], dtype=np.int64)
+    exclude = references if protocol.remove_reference else None
+    depth = max((settings.top_k, *protocol.recall_ks, *protocol.map_ks))
+    members = [[index_of[name] for name in query.subset] for query in split.queries] if protocol.subset_ks else []
+    labelled = split.labelled
+    targets = np.array([index_of[query.target] for query in split.queries], dtype=np.int64) if labelled else None
+    scores = SplitScores()
+    for method, (query_embeddings, gallery_embeddings) in pairs.items():
+        query_embeddings = query_embeddings.to(settings.device)
+        gallery_embeddings = gallery_embeddings.to(settings.device)
+        rankings = rank_gallery(query_embeddings, gallery_embeddings, depth, exclude)
+        subset_rankings = rank_subsets(query_embeddings, gallery_embeddings, members, references) if members else None
+        if method == MODEL:
+            scores.predictions = {
+                query.query_id: _names(ranking[: settings.top_k], split.gallery)
+                for query, ranking in zip(split.queries, rankings)
+            }
+            if subset_rankings is not None:
+                scores.subset_predictions = {
+                    query.query_id: _names(ranking, split.gallery)
+                    for query, ranking in zip(split.queries, subset_rankings)
+                }
+        if not labelled:
+            continue
+        metrics = recall_at_k(rankings, targets, protocol.recall_ks)
+        if subset_rankings is not None:
+            metrics.update(subset_recall_at_k(subset_rankings, targets, protocol.subset_ks))
+        if protocol.map_ks:
+            ground_truths = [[index_of[name] for name in query.ground_truth] for query in split.queries]
+            metrics.update(map_at_k(rankings, ground_truths, protocol.map_ks))
+        if protocol.average:
+            metrics["avg"] = float(np.mean([metrics[name] for name in protocol.average]))
+        scores.metrics[method] = metrics
+    if labelled and protocol.grounding:
+        scored = queries.grounding
+        scores.metrics[MODEL]["grounding"] = float(np.mean(scored)) if scored else 0.0
+        scores.details.update(grounding_phrases=len(scored), grounding_phrases_dropped=queries.phrases_dropped)
+        if not scored:
+            logger.warning("%s: no grounded phrase could be scored; grounding reported as 0", split.name)
+    return scores
+
+
+def combine_parts(parts: dict[str, SplitScores]) -> SplitScores:
+    """Merge the per-category scores of a multi-part benchmark (FashionIQ).
+
+    Each metric appears as `<part>/<metric>` and, averaged over the parts, under its own name (the averages the
+    benchmark reports); an `avg` over the averaged recall@K values is added. Prediction keys become `<part>/<id>`.
+    """
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    combined = SplitScores()
+    methods = list(next(iter(parts.values())).metrics)
+    for method in methods:
+        merged: dict[str, float] = {}
+        for part, scores in parts.items():
+            merged.update({f"{part}/{name}": value for name, value in scores.metrics[method].items()})
+        names = list(next(iter(parts.values())).metrics[method])
+        for name in names:
+            merged[name] = float(np.mean([scores.metrics[method][name] for scores in parts.values()]))
+        recalls = [merged[name] for name in names if name.startswith("recall@")]
+        if recalls and "avg" not in merged:
+            merged["avg"] = float(np.mean(recalls))
+        combined.metrics[method] = merged
+    for part, scores in parts.items():
+        combined.predictions.update({f"{part}/{key}": ranked for key, ranked in scores.predictions.items()})
+        combined.details[part] = scores.details
+    return combined

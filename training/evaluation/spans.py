@@ -1,0 +1,53 @@
+"""Token spans of a query's grounded noun phrases, from the shard builder's character-offset span computation.
+
+The eval job must find each noun phrase's tokens exactly as training did, so it reuses `shards.tokens`
+(character offsets, not the first matching token subsequence) instead of a second implementation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from shards.backbone import CONTEXT_LENGTH
+from shards.noun_phrases import NounPhrase
+from shards.tokens import CaptionTokenizer
+from training.evaluation.benchmarks.base import GroundedPhrase
+from training.evaluation.encode import SpanFinder
+
+
+def locate(caption: str, text: str, resume: int = 0) -> int | None:
+    """Character offset of `text` as whole words in `caption`, or None.
+
+    Annotations without offsets list their phrases in caption order, so the first occurrence at or after the
+    previous phrase's end is preferred; failing that, the first occurrence anywhere.
+    """
+    starts = [match.start() for match in re.finditer(rf"(?<!\w){re.escape(text)}(?!\w)", caption)]
+    if not starts:
+        return None
+    return next((start for start in starts if start >= resume), starts[0])
+
+
+def phrase_span_finder(backbone: str) -> SpanFinder:
+    """A function (caption, phrases) -> each phrase's `[start, end)` in the caption ids, or None without a span.
+
+    A phrase gets None when its text is not in the caption, when truncation at 77 tokens cuts it, or when its
+    characters cut through a word; the runner counts those as dropped.
+    """
+    # Eval needs only spans, not the isolated ids, so the isolated length never limits which phrase is kept.
+    tokenizer = CaptionTokenizer(backbone, np_length=CONTEXT_LENGTH)
+
+    def find_spans(caption: str, phrases: Sequence[GroundedPhrase]) -> list[tuple[int, int] | None]:
+        spans: list[tuple[int, int] | None] = []
+        resume = 0
+        for phrase in phrases:
+            start = phrase.char_start if phrase.char_start is not None else locate(caption, phrase.text, resume)
+            if start is None or caption[start : start + len(phrase.text)] != phrase.text:
+                spans.append(None)
+                continue
+            resume = start + len(phrase.text)
+            tokens = tokenizer.tokenize(caption, [NounPhrase(phrase.text, start, resume)])
+            spans.append(tuple(int(value) for value in tokens.np_spans[0]) if len(tokens.np_spans) else None)
+        return spans
+
+    return find_spans
