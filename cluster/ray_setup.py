@@ -1,0 +1,74 @@
+"""Connecting the driver to Ray: the job's cluster when there is one, else a private local head on 127.0.0.1.
+
+- Inside `ray job submit` Ray sets `RAY_ADDRESS` for the entrypoint; `cluster.address` or a user-set
+  `RAY_ADDRESS` name a running cluster. The job's runtime env (`--working-dir .`) already lets the workers
+  import this repository.
+- Otherwise a local Ray starts inside this process, bound to 127.0.0.1 with no dashboard, and its workers get the
+  repository on PYTHONPATH. It ends with the driver. Unless `RAY_AUTH_MODE` says otherwise it uses token
+  authentication with a token that lives only in this process's environment: Ray's own default would write
+  `~/.ray/auth_token`, which then silently switches every later `ray start` on the machine to token auth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+
+
+def cluster_address(cluster: ClusterConfig) -> str | None:
+    """The address of a running cluster to join, or None to start a local one."""
+    return cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(cluster: ClusterConfig) -> str:
+    """Initialise Ray in this driver process (idempotent).
+
+    Call it before anything imports `ray`: Ray reads its authentication settings once, at import.
+
+    Returns:
+        A description of what was joined or started, for the console.
+    """
+    address = cluster_address(cluster)
+    if address is None:
+        # Never expose a cluster on the network by accident: every listener of a local head stays on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        unset = "RAY_AUTH_MODE" not in os.environ and not os.environ.get("RAY_AUTH_TOKEN")
+        if unset and "ray" not in sys.modules:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # inherited by the processes Ray starts, not on disk
+    import ray
+
+    if ray.is_initialized():
+        return "ray already initialised in this process"
+    if address is not None:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return f"joined the Ray cluster at {address}"
+    needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(
+        _node_ip_address=LOOPBACK,
+        include_dashboard=False,
+        num_cpus=max(os.cpu_count() or 1, needed),
+        num_gpus=None if cluster.use_gpu else 0,
+        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+        logging_level=logging.WARNING,
+    )
+    return f"started a local Ray on {LOOPBACK} (stops when this process ends)"
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,74 @@
+"""The Ray Train `TorchTrainer` that runs `training.worker.train_worker` on `cluster.num_workers` ranks.
+
+Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before calling the worker. On a worker failure Ray
+restarts the whole group up to `cluster.max_failures` times; each restarted worker resumes from the run's latest
+complete checkpoint on the shared storage, so Ray itself never holds training state (nothing is reported to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from training import faults
+from training.config import RootConfig
+
+logger = logging.getLogger(__name__)
+
+# Forwarded from the driver's environment to every worker when set.
+FORWARDED_ENV = (*faults.ENV_VARS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "OMP_NUM_THREADS")
+
+
+def _train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from training.worker import train_worker
+
+    train_worker(loop_config["config"], local_rank=ray.train.get_context().get_local_rank())
+
+
+def resolve_storage(config: RootConfig) -> RootConfig:
+    """The same config with `cluster.storage_path` made absolute (workers do not share the driver's cwd)."""
+    storage = Path(config.cluster.storage_path).expanduser().resolve()
+    config.cluster.storage_path = str(storage)
+    return config
+
+
+def build_trainer(config: RootConfig) -> TorchTrainer:
+    """The TorchTrainer for `config` (its storage path must already be absolute: see `resolve_storage`)."""
+    cluster = config.cluster
+    if not Path(cluster.storage_path).is_absolute():
+        raise ValueError(f"cluster.storage_path={cluster.storage_path!r} must be absolute here")
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"config": config},
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker} | ({"GPU": 1} if cluster.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=cluster.run_name,
+            storage_path=cluster.storage_path,
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            worker_runtime_env={"env_vars": env_vars},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+    )
+
+
+def run_training(config: RootConfig) -> Path:
+    """Run the training job to the end (Ray must be connected). Returns the run directory.
+
+    Raises:
+        ray.train.TrainingFailedError: the worker group failed more than `cluster.max_failures` times.
+    """
+    config = resolve_storage(config)
+    trainer = build_trainer(config)
+    trainer.fit()
+    return config.run_dir

@@ -1,0 +1,45 @@
+"""Train ConText-CIR with Ray + DeepSpeed.
+
+    ray job submit --working-dir . -- python launch/train.py --config configs/vith.yaml [key.path=value ...]
+    python launch/train.py --config configs/tiny.yaml            # no cluster: a local Ray on 127.0.0.1
+
+Resubmitting the same `cluster.run_name` resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        _, config = parse_config_args(argv, "Train ConText-CIR on a Ray cluster (DeepSpeed workers).")
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    from training.checkpoint import fresh_start_conflict
+
+    conflict = fresh_start_conflict(config)
+    if conflict is not None:
+        print(f"config error: {conflict}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+
+    from cluster.ray_setup import connect
+
+    print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
+    from cluster.trainer import run_training
+
+    run_dir = run_training(config)
+    print(f"run directory: {run_dir}")
+    print(f"checkpoints:   {run_dir / 'checkpoints'}")
+    print(f"tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

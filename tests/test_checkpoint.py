@@ -1,0 +1,189 @@
+"""Checkpoints: the resolver never picks a partial one, pruning, the fresh-start guard, no-pickle loading, and an
+exact resume on 2 gloo ranks (same losses, same samples, every rank's reader position)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import TINY, tiny_overrides
+
+from training import checkpoint_layout as layout
+from training.checkpoint import TrainState, fresh_start_conflict, prune
+from training.config import load_config
+
+
+def _fake_checkpoint(run_dir: Path, step: int, complete: bool) -> Path:
+    path = layout.checkpoint_dir(run_dir, step)
+    (path / layout.DEEPSPEED).mkdir(parents=True)
+    (path / layout.TRAINER_STATE).write_text("{}")
+    if complete:
+        layout.mark_complete(path)
+    return path
+
+
+def test_resolver_skips_partial_checkpoints_and_a_stale_latest(tmp_path):
+    run_dir = tmp_path / "run"
+    assert layout.latest_complete(run_dir) is None
+    _fake_checkpoint(run_dir, 2, complete=True)
+    layout.update_latest_pointer(run_dir, 2)
+    _fake_checkpoint(run_dir, 4, complete=False)  # a kill during the write: everything but the marker
+    assert layout.latest_complete(run_dir) == (2, layout.checkpoint_dir(run_dir, 2))
+    (layout.checkpoints_root(run_dir) / layout.LATEST).write_text("step_00000004\n")  # names the incomplete one
+    assert layout.latest_complete(run_dir)[0] == 2
+    (layout.checkpoints_root(run_dir) / layout.LATEST).write_text("step_00000009\n")  # names a missing one
+    assert layout.latest_complete(run_dir)[0] == 2
+    with pytest.raises(RuntimeError, match="incomplete"):
+        layout.update_latest_pointer(run_dir, 4)
+
+
+def test_prune_keeps_the_newest_complete_ones(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(run_dir, step, complete=True)
+    _fake_checkpoint(run_dir, 5, complete=False)  # newer than every complete one: may still be being written
+    shutil_left = _fake_checkpoint(run_dir, 0, complete=False)  # older debris of a crash
+    prune(run_dir, keep=2)
+    assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [3, 4]
+    assert layout.checkpoint_dir(run_dir, 5).is_dir() and not shutil_left.exists()
+
+
+def test_fresh_start_refuses_to_clobber_a_run(tmp_path):
+    config = load_config(TINY, [f"cluster.storage_path={tmp_path}", "cluster.run_name=r", "checkpoint.resume=false"])
+    assert fresh_start_conflict(config) is None
+    _fake_checkpoint(config.run_dir, 3, complete=False)
+    message = fresh_start_conflict(config)
+    assert message and "cluster.run_name" in message and "step_00000003" in message
+    resumed = load_config(TINY, [f"cluster.storage_path={tmp_path}", "cluster.run_name=r"])
+    assert fresh_start_conflict(resumed) is None
+
+
+def test_train_entry_exits_2_instead_of_clobbering(tmp_path):
+    run_dir = tmp_path / "runs" / "old"
+    _fake_checkpoint(run_dir, 5, complete=True)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    script = Path(TINY).parents[1] / "launch" / "train.py"
+    overrides = [f"cluster.storage_path={tmp_path / 'runs'}", "cluster.run_name=old", "checkpoint.resume=false"]
+    done = subprocess.run(
+        [sys.executable, str(script), "--config", str(TINY), *overrides], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "checkpoint.resume=false" in done.stderr and "step_00000005" in done.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_engine_loader_never_unpickles_arbitrary_objects(tmp_path):
+    from training.engine import safe_checkpoint_engine
+
+    path = tmp_path / "evil.pt"
+    torch.save({"module": {}, "payload": _Payload()}, path)
+    loader = safe_checkpoint_engine(None)
+    with pytest.raises(pickle.UnpicklingError):
+        loader.load(str(path))
+    torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3}, path)
+    assert loader.load(str(path))["global_steps"] == 3
+
+
+def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
+    from shards.reader import build_reader
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.engine import build_engine
+    from training.loop import train_step
+    from training.model import load_model_weights
+    from training.objective import ConTextObjective
+    from training.worker import seed_everything
+
+    config = load_config(TINY, overrides)
+    cpu = torch.device("cpu")
+
+    def build():
+        seed_everything(0)
+        objective = ConTextObjective(config.model, config.loss)
+        engine, _, _ = build_engine(objective, config, world)
+        reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
+        seed_everything(1 + rank)
+        return objective, engine, reader
+
+    def steps(engine, batches, count: int) -> list[list]:
+        trace = []
+        for _ in range(count):
+            micro = [next(batches) for _ in range(config.accumulation_steps)]
+            result = train_step(engine, micro, cpu)
+            trace.append([result.metrics["loss"], result.lr, [key for batch in micro for key in batch["keys"]]])
+        return trace
+
+    objective, engine, reader = build()
+    batches = iter(reader)
+    before = steps(engine, batches, 2)
+    saved = save_checkpoint(engine, objective.model, reader, config, TrainState(step=2, samples_seen=32))
+    after = steps(engine, batches, 3)
+    reader.close()
+
+    objective, engine, reader = build()  # a fresh worker: new weights, reader at the start
+    step, path = layout.latest_complete(config.run_dir)
+    state = load_checkpoint(engine, path, reader)
+    weights_match = path == saved
+    if rank == 0:  # model.safetensors holds exactly the weights the engine state restored
+        probe = ConTextObjective(config.model, config.loss).model
+        load_model_weights(probe, saved / layout.WEIGHTS)
+        restored = objective.model.state_dict()
+        weights_match &= all(torch.equal(value, restored[name]) for name, value in probe.state_dict().items())
+    resumed = steps(engine, iter(reader), 3)
+    reader.close()
+
+    # model.init_from: a new run starts from the saved weights only (fresh step, schedule, Adam and data)
+    from training.monitor import read_metrics
+    from training.worker import train_worker
+
+    init_config = load_config(
+        TINY, [*overrides, "cluster.run_name=init", f"model.init_from={saved / layout.WEIGHTS}", "train.steps=1"]
+    )
+    init_state = train_worker(init_config)
+    first = read_metrics(init_config.run_dir)[1] if rank == 0 else {"loss": None, "lr": None, "digest": None}
+    return {
+        "before": before,
+        "after": after,
+        "resumed": resumed,
+        "state": [state.step, state.samples_seen],
+        "weights": weights_match,
+        "init": [init_state.step, first["loss"], first["lr"]],
+    }
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_on_two_ranks(tmp_path):
+    from dist_harness import run_ranks
+    from shard_fixtures import write_shard_set
+
+    write_shard_set(tmp_path / "shards", [20, 20, 20, 20])
+    results = run_ranks(_resume_ranks, 2, (tiny_overrides(tmp_path, tmp_path / "shards"),))
+    run_dir = tmp_path / "runs" / "test"
+    checkpoint = layout.checkpoint_dir(run_dir, 2)
+    assert layout.is_complete(checkpoint) and layout.read_latest_pointer(run_dir) == "step_00000002"
+    for piece in (layout.WEIGHTS, layout.CONFIG, layout.TRAINER_STATE):
+        assert (checkpoint / piece).is_file(), piece
+    for state_file in (checkpoint / layout.DEEPSPEED).glob("*.pt"):
+        torch.load(state_file, weights_only=True)  # DeepSpeed's files hold nothing that needs unpickling
+    trainer_state = json.loads((checkpoint / layout.TRAINER_STATE).read_text())
+    assert trainer_state["train"]["step"] == 2 and trainer_state["world_size"] == 2
+    assert [entry["reader"]["rank"] for entry in trainer_state["ranks"]] == [0, 1]
+    assert all(entry["reader"]["step"] == 4 for entry in trainer_state["ranks"])  # 2 steps x 2 micro-batches
+    for result in results:
+        assert result["state"] == [2, 32]
+        assert result["resumed"] == result["after"]  # losses, lrs and sample keys, bit for bit
+    assert results[0]["after"][0][2] != results[1]["after"][0][2]  # the ranks read different samples
+    assert results[0]["weights"]
+    init_step, init_loss, init_lr = results[0]["init"]
+    scratch_loss, scratch_lr, _ = results[0]["before"][0]
+    assert init_step == 1 and init_lr == scratch_lr  # fresh step count and schedule
+    assert init_loss != scratch_loss  # same first batches, but the trained weights
+    assert not layout.checkpoints_root(tmp_path / "runs" / "init").joinpath("step_00000002").exists()

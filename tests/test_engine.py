@@ -1,0 +1,171 @@
+"""The DeepSpeed engine on 2 gloo ranks: real ConText-CIR objective, real shards; non-finite steps are skipped
+everywhere without touching parameters or Adam moments, counted, and abort the run when they repeat."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import ConfigError, load_config
+from training.engine import deepspeed_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_overrides(tmp_path: Path, shards_dir: Path, **extra: object) -> list[str]:
+    """configs/tiny.yaml shrunk for tests: 2 ranks x micro-batch 4 x accumulation 2, one fusion layer."""
+    values = {
+        "data.shards_dir": str(shards_dir),
+        "data.loader_workers": 0,
+        "data.shuffle_buffer": 16,
+        "model.fusion_layers": 1,
+        "train.micro_batch": 4,
+        "train.global_batch": 16,
+        "cluster.num_workers": 2,
+        "cluster.storage_path": str(tmp_path / "runs"),
+        "cluster.run_name": "test",
+        "optim.warmup_steps": 2,
+        "logging.every": 1,
+        "logging.image_every": 1000,
+    } | extra
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def test_deepspeed_config_from_the_root_config():
+    config = load_config(TINY, ["train.global_batch=64", "train.micro_batch=8", "cluster.num_workers=2"])
+    ds = deepspeed_config(config)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        4,
+    )
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"] == {"stage": 0}
+    assert "torch_autocast" not in ds  # fp32 on CPU
+    gpu = load_config(
+        TINY,
+        ["cluster.use_gpu=true", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true", "cluster.num_workers=1"],
+    )
+    ds = deepspeed_config(gpu)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="world size"):
+        deepspeed_config(config, world_size=3)
+    with pytest.raises(ConfigError, match="global_batch"):
+        load_config(TINY, ["train.global_batch=60", "train.micro_batch=8", "cluster.num_workers=2"])
+
+
+def _snapshot(engine) -> dict[str, torch.Tensor]:
+    state = {f"param/{name}": p.detach().clone() for name, p in engine.module.named_parameters()}
+    for index, (parameter, slots) in enumerate(engine.basic_optimizer.state.items()):
+        del parameter
+        for key, value in slots.items():
+            state[f"adam/{index}/{key}"] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+    return state
+
+
+def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+class _PoisonedReader:
+    """Wraps the real reader and puts a NaN pixel into every batch on one rank (the fault under test)."""
+
+    def __init__(self, reader, rank: int, poisoned_rank: int) -> None:
+        self.reader, self.rank, self.poisoned_rank = reader, rank, poisoned_rank
+
+    def __iter__(self):
+        for batch in self.reader:
+            if self.rank == self.poisoned_rank:
+                batch["reference_image"] = batch["reference_image"].clone()
+                batch["reference_image"][0, 0, 0, 0] = float("nan")
+            yield batch
+
+    def state_dict(self):
+        return self.reader.state_dict()
+
+
+def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
+    from shards.reader import build_reader
+    from training.loop import LoopContext, NonFiniteAbort, run, train_step
+    from training.monitor import Monitor
+    from training.objective import ConTextObjective
+    from training.worker import seed_everything
+
+    config = load_config(TINY, overrides)
+    seed_everything(0)
+    objective = ConTextObjective(config.model, config.loss)
+    from training.engine import build_engine
+
+    engine, _, _ = build_engine(objective, config, world)
+    reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
+    batches = iter(reader)
+    cpu = torch.device("cpu")
+
+    def step(poison: bool):
+        micro = [next(batches) for _ in range(config.accumulation_steps)]
+        if poison and rank == 1:  # the first micro-batch: its NaN gradients sit in the accumulation window
+            micro[0]["reference_image"] = micro[0]["reference_image"].clone()
+            micro[0]["reference_image"][0] = float("nan")
+        return train_step(engine, micro, cpu)
+
+    first = step(False)
+    before = _snapshot(engine)
+    poisoned = step(True)
+    untouched = _same(before, _snapshot(engine))
+    third = step(False)
+    moved = not _same(before, _snapshot(engine))
+    adam_steps = {int(slots["step"]) for slots in engine.basic_optimizer.state.values()}
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in engine.module.parameters())).hexdigest()
+    counters = [engine.global_steps, engine.micro_steps, engine.skipped_steps]
+
+    monitor = Monitor(config, rank, 0, objective.model, cpu)
+    context = LoopContext(engine, objective.model, _PoisonedReader(reader, rank, 0), monitor, config, cpu)
+    try:
+        run(context)
+        abort = ""
+    except NonFiniteAbort as error:
+        abort = str(error)
+    finally:
+        monitor.close()
+    return {
+        "skipped": [first.skipped, poisoned.skipped, third.skipped],
+        "losses": [first.metrics["loss"], poisoned.metrics["loss"], third.metrics["loss"]],
+        "lrs": [first.lr, poisoned.lr, third.lr],
+        "untouched": untouched,
+        "moved": moved,
+        "adam_steps": sorted(adam_steps),
+        "counters": counters,
+        "digest": digest,
+        "abort": abort,
+        "abort_state": [context.state.step, context.state.skipped_steps, context.state.consecutive_skips],
+    }
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    from dist_harness import run_ranks
+    from shard_fixtures import write_shard_set
+
+    from training.monitor import read_metrics
+
+    write_shard_set(tmp_path / "shards", [20, 20, 20, 20])
+    overrides = tiny_overrides(tmp_path, tmp_path / "shards", **{"train.max_consecutive_skips": 2})
+    results = run_ranks(_nan_skip_ranks, 2, (overrides,))
+    for result in results:
+        assert result["skipped"] == [False, True, False]
+        assert result["untouched"], "a skipped step changed parameters or Adam state"
+        assert result["moved"], "the step after the skip did not train"
+        assert result["adam_steps"] == [2]  # only the applied steps reached AdamW
+        assert result["counters"] == [3, 6, 1]  # DeepSpeed: 3 steps, 3 x 2 micro-steps, 1 skipped
+        assert math.isnan(result["losses"][1]) and math.isfinite(result["losses"][2])
+        assert result["lrs"][2] == result["lrs"][1]  # the schedule does not advance on a skipped step
+        assert "2 consecutive steps" in result["abort"] and result["abort_state"] == [2, 2, 2]
+    assert results[0]["digest"] == results[1]["digest"]  # ranks hold identical weights
+    logged = read_metrics(tmp_path / "runs" / "test")
+    assert [logged[s]["skipped"] for s in (1, 2)] == [True, True]
+    assert logged[2]["skipped_steps"] == 2 and logged[2]["loss"] is None

@@ -1,0 +1,84 @@
+"""What a watcher sees (no processes): TensorBoard scalars, the NP attention-map grid, metrics.jsonl."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from shard_fixtures import write_shard_set
+from test_engine import TINY, tiny_overrides
+
+from training.checkpoint import TrainState
+from training.config import load_config
+from training.loop import StepResult
+from training.monitor import Monitor, read_metrics
+
+
+def _first_batch(config):
+    from shards.reader import build_reader
+
+    reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, 0, 1)
+    batch = next(iter(reader))
+    reader.close()
+    return batch
+
+
+def test_monitor_logs_scalars_metrics_and_attention_grid(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.model import build_model
+
+    write_shard_set(tmp_path / "shards", [8])
+    overrides = tiny_overrides(tmp_path, tmp_path / "shards", **{"cluster.num_workers": 1, "train.global_batch": 4})
+    config = load_config(TINY, [*overrides, "logging.image_every=2", "logging.num_images=3"])
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    batch = _first_batch(config)
+    metrics = {"loss": 2.5, "contrastive_loss": 2.4, "cc_loss": 0.1, "cc/raw": 1.25}
+    monitor = Monitor(config, 0, 0, model, "cpu")
+    for step in (1, 2):
+        state = TrainState(step=step, samples_seen=4 * step, skipped_steps=step - 1)
+        result = StepResult(dict(metrics, loss=float("nan") if step == 2 else 2.5), 1e-3, 0.5, step == 2, "abc")
+        monitor.log_step(state, result, step_time=0.5, data_wait=0.1, batch=batch)
+    monitor.close()
+
+    events = EventAccumulator(str(tmp_path / "runs" / "test" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/cc_loss",
+        "cc/raw",
+        "train/lr",
+        "perf/triplets_per_s",
+        "perf/data_wait_frac",
+    } <= scalars
+    assert [e.value for e in events.Scalars("train/skipped_steps")] == [0, 1]
+    assert [e.step for e in events.Scalars("train/loss")] == [1]  # a non-finite loss is not plotted
+    assert math.isclose(events.Scalars("perf/triplets_per_s")[0].value, 8.0)
+    (image,) = events.Images("attention/np_maps")
+    assert image.step == 2
+    # 3 rows (samples) x (reference + 2 noun phrases) tiles of 128 px plus captions and padding
+    assert (image.width, image.height) == (3 * 132 + 4, 3 * 146 + 4)
+
+    logged = read_metrics(tmp_path / "runs" / "test")
+    assert logged[1]["loss"] == 2.5 and logged[2]["loss"] is None and logged[2]["skipped"] is True
+    assert logged[2]["skipped_steps"] == 1 and logged[2]["digest"] == "abc" and logged[2]["lr"] == 1e-3
+
+
+def test_attention_grid_draws_each_phrase_map_over_its_image():
+    from training.attention_images import TILE, attention_grid
+
+    images = torch.zeros(2, 3, 16, 16)
+    maps = torch.zeros(2, 3, 2, 2)
+    maps[0, 0, 0, 0] = 1.0  # first phrase of sample 0 looks at the top-left patch
+    maps[0, 1, 1, 1] = 1.0  # its second phrase at the bottom-right one
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    grid = np.asarray(attention_grid(images, maps, mask, [["a cat", "a hat"], ["a dog"]], "ContextTiny"))
+    cell = TILE + 4
+    first = grid[4 : 4 + TILE, 4 + cell : 4 + cell + TILE].astype(int).sum(axis=2)
+    second = grid[4 : 4 + TILE, 4 + 2 * cell : 4 + 2 * cell + TILE].astype(int).sum(axis=2)
+    assert first[:8, :8].mean() > first[-8:, -8:].mean()  # hot where the phrase attends
+    assert second[-8:, -8:].mean() > second[:8, :8].mean()
+    assert grid.shape == (2 * (TILE + 18) + 4, 3 * cell + 4, 3)

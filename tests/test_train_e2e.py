@@ -1,0 +1,195 @@
+"""End to end: a local Ray head on 127.0.0.1, `ray job submit -- python launch/train.py` with 2 CPU workers.
+
+One head serves the module. A clean 6-step run is the reference; a run stopped at its step-2 checkpoint and
+resubmitted, and a run whose rank 0 is SIGKILLed while writing the step-4 checkpoint (Ray restarts the worker
+group from step 2), must both reproduce its per-step losses and sample digests exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dist_harness import free_port
+from shard_fixtures import write_shard_set
+
+from training import checkpoint_layout as layout
+from training import faults
+from training.monitor import read_metrics
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+STEPS = 6
+TB_SCALARS = {
+    "train/loss",
+    "train/contrastive_loss",
+    "train/cc_loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/skipped_steps",
+    "perf/triplets_per_s",
+    "perf/step_time_s",
+    "perf/data_wait_frac",
+}
+
+
+TOKEN = secrets.token_hex(32)
+
+
+def _ray_env() -> dict[str, str]:
+    """Token authentication with this module's own token (never ~/.ray/auth_token), loopback only."""
+    return os.environ | {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": TOKEN,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private Ray head on loopback, stopped by its own pid (and process group) even when a test fails."""
+    dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray_e2e_", dir="/tmp")  # short: Ray's socket paths have a length limit
+    command = [
+        RAY, "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        f"--port={free_port()}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=3", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_ray_env(), start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {TOKEN}"})
+                urllib.request.urlopen(request, timeout=5).read()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Ray head did not come up; see {temp_dir}/head.log") from None
+                time.sleep(2)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` tears down every process it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # stragglers of this head only: its own process group
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    write_shard_set(root / "shards", [24] * 6)
+    return root
+
+
+def submit(address: str, workspace: Path, run_name: str, *overrides: str, env: dict | None = None):
+    """`ray job submit` the training entry point; returns (exit code, output)."""
+    settings = [
+        "data.loader_workers=0",
+        f"data.shards_dir={workspace / 'shards'}",
+        "data.shuffle_buffer=32",
+        "model.fusion_layers=1",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        f"train.steps={STEPS}",
+        "optim.warmup_steps=3",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=3",
+        "logging.every=1",
+        "logging.image_every=3",
+        f"cluster.storage_path={workspace / 'runs'}",
+        f"cluster.run_name={run_name}",
+        *overrides,
+    ]
+    runtime_env = {"env_vars": {"GLOO_SOCKET_IFNAME": "lo", **(env or {})}}
+    command = [
+        RAY, "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT),
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", *settings,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=480, cwd=REPO_ROOT, env=_ray_env())
+    return done.returncode, done.stdout + done.stderr
+
+
+def trajectory(run_dir: Path) -> list[tuple]:
+    records = read_metrics(run_dir)
+    return [(step, records[step]["loss"], records[step]["digest"], records[step]["lr"]) for step in sorted(records)]
+
+
+def starts(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["from_step"] for record in map(json.loads, lines) if record.get("event") == "start"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_head, workspace):
+    code, output = submit(ray_head, workspace, "clean")
+    assert code == 0, output[-4000:]
+    return workspace / "runs" / "clean"
+
+
+def test_job_trains_publishes_checkpoints_and_tensorboard(clean_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [step for step, _ in layout.complete_checkpoints(clean_run)] == [2, 4, 6]
+    assert layout.latest_complete(clean_run)[0] == STEPS
+    final = layout.checkpoint_dir(clean_run, STEPS)
+    for piece in (layout.WEIGHTS, layout.CONFIG, layout.TRAINER_STATE, layout.DEEPSPEED):
+        assert (final / piece).exists(), piece
+    state = json.loads((final / layout.TRAINER_STATE).read_text())
+    assert state["train"]["step"] == STEPS and state["train"]["samples_seen"] == STEPS * 8
+    assert len(state["ranks"]) == 2
+    assert [step for step, *_ in trajectory(clean_run)] == list(range(1, STEPS + 1))
+    assert not any(record["skipped"] for record in read_metrics(clean_run).values())
+    events = EventAccumulator(str(clean_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert TB_SCALARS <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    images = events.Images("attention/np_maps")
+    assert [image.step for image in images] == [3, 6] and images[0].width > 128
+
+
+def test_resubmitted_run_continues_exactly(ray_head, workspace, clean_run):
+    code, output = submit(ray_head, workspace, "resumed", "train.steps=2")
+    assert code == 0, output[-4000:]
+    run_dir = workspace / "runs" / "resumed"
+    assert layout.latest_complete(run_dir)[0] == 2
+    code, output = submit(ray_head, workspace, "resumed")
+    assert code == 0, output[-4000:]
+    assert "resumed from" in output
+    assert starts(run_dir) == [0, 2]
+    assert trajectory(run_dir) == trajectory(clean_run)  # same losses, lrs and samples, step for step
+
+
+def test_worker_killed_while_checkpointing_restarts_from_the_previous_checkpoint(ray_head, workspace, clean_run):
+    fault = {faults.KILL_AT_STEP: "4", faults.PHASE: "checkpoint", faults.RANK: "0"}
+    code, output = submit(ray_head, workspace, "faulty", "cluster.max_failures=1", env=fault)
+    assert code == 0, output[-4000:]
+    run_dir = workspace / "runs" / "faulty"
+    assert (run_dir / faults.MARKER).is_file()  # the fault did fire
+    assert starts(run_dir) == [0, 2]  # the step-4 directory lacked its marker, so the restart resumed at 2
+    assert layout.latest_complete(run_dir)[0] == STEPS
+    assert trajectory(run_dir) == trajectory(clean_run)

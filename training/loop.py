@@ -1,0 +1,114 @@
+"""The per-worker training loop: next batch -> step -> log -> maybe checkpoint.
+
+A step runs `accumulation` micro-batches through the DeepSpeed engine. Before the optimizer update the ranks
+agree (one all-reduce) on whether any of them saw a non-finite loss or gradient; if so, every rank skips the
+update, leaving parameters and Adam moments untouched, and the skip is counted. K skips in a row abort.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from training import faults
+from training.checkpoint import TrainState, save_checkpoint
+from training.distributed import all_reduce_sum, keys_digest, rank_and_world
+from training.engine import local_grad_norm
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced, identical on every rank."""
+
+    metrics: dict[str, float]
+    """`loss` and every objective output, averaged over micro-batches and ranks."""
+    lr: float
+    """Learning rate the step used (or would have used, when skipped)."""
+    grad_norm: float | None
+    """Global gradient 2-norm before clipping."""
+    skipped: bool
+    digest: str = ""
+    """Digest of the sample keys all ranks consumed (equal steps read equal data)."""
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
+
+
+def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device) -> StepResult:
+    """Forward and backward every micro-batch, then apply the update unless some rank saw a non-finite value."""
+    totals: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(micro_batches):
+        outputs = engine(to_device(batch, device))
+        loss = sum(value for name, value in outputs.items() if name.endswith("_loss"))
+        engine.backward(loss)
+        for name, value in {"loss": loss, **outputs}.items():
+            if torch.is_tensor(value) and value.numel() == 1:  # stays on the device: no sync per micro-batch
+                totals[name] = totals.get(name, 0.0) + value.detach().float().reshape(())
+        if index < len(micro_batches) - 1:
+            engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
+    names = sorted(totals)
+    norm = local_grad_norm(engine.module).to(totals["loss"].device)
+    local_bad = (~torch.isfinite(totals["loss"]) | ~torch.isfinite(norm)).float()
+    _, world = rank_and_world()
+    # One collective per step carries the skip vote and every logged value.
+    summed = all_reduce_sum(torch.stack([local_bad] + [totals[name] for name in names]))
+    skip = bool(summed[0] > 0)
+    lr = engine.basic_optimizer.param_groups[0]["lr"]
+    with engine.basic_optimizer.skipping(skip):
+        engine.step()
+    skipped = skip or not engine.was_step_applied()  # DeepSpeed's ZeRO optimizers also refuse non-finite grads
+    engine_norm = engine.get_global_grad_norm()
+    grad_norm = float(engine_norm) if engine_norm is not None else float(norm)
+    metrics = {name: float(summed[1 + i]) / (world * len(micro_batches)) for i, name in enumerate(names)}
+    return StepResult(metrics, lr, grad_norm, skipped)
+
+
+@dataclass
+class LoopContext:
+    """Everything the loop touches, built by `training.worker`."""
+
+    engine: Any
+    model: torch.nn.Module
+    reader: Any
+    monitor: Any
+    config: Any
+    device: torch.device
+    state: TrainState = field(default_factory=TrainState)
+
+
+def run(context: LoopContext) -> TrainState:
+    """Train from `context.state.step` to `train.steps`, checkpointing every `checkpoint.every_steps` and at the end."""
+    config, state, engine = context.config, context.state, context.engine
+    rank, _ = rank_and_world()
+    accumulation = config.accumulation_steps
+    batches = iter(context.reader)
+    while state.step < config.train.steps:
+        started = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        data_wait = time.perf_counter() - started
+        with context.monitor.count_flops():
+            result = train_step(engine, micro_batches, context.device)
+        result.digest = keys_digest([key for batch in micro_batches for key in batch["keys"]])
+        state.step += 1
+        state.samples_seen += config.train.global_batch
+        state.skipped_steps += result.skipped
+        state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
+        context.monitor.log_step(state, result, time.perf_counter() - started, data_wait, micro_batches[0])
+        if state.consecutive_skips >= config.train.max_consecutive_skips:
+            raise NonFiniteAbort(
+                f"aborting at step {state.step}: {state.consecutive_skips} consecutive steps had a non-finite loss "
+                f"or gradient (train.max_consecutive_skips={config.train.max_consecutive_skips}); lower optim.lr, "
+                "check the data, or resume from an earlier checkpoint"
+            )
+        faults.maybe_kill("step", state.step, rank, config.run_dir)
+        if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.steps:
+            save_checkpoint(engine, context.model, context.reader, config, state)
+    return state

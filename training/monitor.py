@@ -1,0 +1,197 @@
+"""What a person watching a run sees (rank 0): TensorBoard scalars and NP attention-map images, a per-step
+`metrics.jsonl`, and a console line every `logging.every` steps.
+
+`<run_dir>/metrics.jsonl` holds one JSON object per step: step, each loss term, lr, grad_norm, skipped, samples
+and a digest of the sample keys every rank consumed. A restarted attempt appends a `{"event": "start"}` line and
+then re-logs the steps after its checkpoint, so readers take the last record of each step (`read_metrics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.attention_images import attention_grid
+from training.config import RootConfig
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+# Dense bf16 peak per device, in FLOP/s, for MFU when `logging.peak_tflops` is not set (vendor datasheets).
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """The last logged record of every step of a run, keyed by step."""
+    records: dict[int, dict[str, Any]] = {}
+    path = Path(run_dir) / METRICS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "step" in record:
+                records[record["step"]] = record
+    return records
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class Monitor:
+    """Logs every step on rank 0; other ranks only join the collective parts (none, unless ZeRO-3 images)."""
+
+    def __init__(self, config: RootConfig, rank: int, start_step: int, model: torch.nn.Module, device) -> None:
+        self.config = config
+        self.rank = rank
+        self.model = model
+        self.device = torch.device(device)
+        self.writer = None
+        self.metrics = None
+        self.flops_per_step: float | None = None
+        self.peak_flops = self._peak_flops()
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = config.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # purge_step drops events a crashed attempt logged after the checkpoint we resume from.
+            self.writer = SummaryWriter(
+                str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
+            )
+            self.metrics = open(run_dir / METRICS_FILE, "a")
+            self._append({"event": "start", "from_step": start_step})
+
+    def _peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        if self.config.logging.peak_tflops:
+            return self.config.logging.peak_tflops * 1e12
+        name = torch.cuda.get_device_name(self.device)
+        for key, peak in _PEAK_BF16.items():
+            if key in name:
+                return peak
+        logger.warning("no bf16 peak known for %s: set logging.peak_tflops to get perf/mfu", name)
+        return None
+
+    def count_flops(self):
+        """Context for one training step: on the first step of a GPU run, count its FLOPs (for MFU)."""
+        if self.peak_flops is None or self.flops_per_step is not None:
+            return contextlib.nullcontext()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        monitor = self
+
+        class _Counter(FlopCounterMode):
+            def __exit__(self, *args):
+                result = super().__exit__(*args)
+                monitor.flops_per_step = float(self.get_total_flops())
+                return result
+
+        return _Counter(display=False)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def log_step(self, state, result, step_time: float, data_wait: float, batch: dict[str, Any]) -> None:
+        """Record one finished step (every rank calls it; only rank 0 writes).
+
+        Args:
+            state: `TrainState` after the step.
+            result: the loop's `StepResult`.
+            step_time: wall seconds of the step, data wait included.
+            data_wait: seconds spent waiting for the step's batches.
+            batch: the step's first micro-batch on this rank (for the attention-map images).
+        """
+        step, every = state.step, self.config.logging
+        if step % every.image_every == 0:
+            self._log_attention(step, batch)
+        if self.rank != 0:
+            return
+        record = {
+            "step": step,
+            **{name: _finite_or_none(value) for name, value in result.metrics.items()},
+            "lr": result.lr,
+            "grad_norm": None if result.grad_norm is None else _finite_or_none(result.grad_norm),
+            "skipped": result.skipped,
+            "skipped_steps": state.skipped_steps,
+            "samples": state.samples_seen,
+            "digest": result.digest,
+            "step_time_s": step_time,
+        }
+        self._append(record)
+        if step % every.every and not result.skipped:
+            return
+        scalars = {f"train/{name}": value for name, value in result.metrics.items() if "/" not in name}
+        scalars |= {name: value for name, value in result.metrics.items() if "/" in name}
+        scalars |= {
+            "train/lr": result.lr,
+            "train/skipped_steps": state.skipped_steps,
+            "perf/triplets_per_s": self.config.train.global_batch / step_time,
+            "perf/step_time_s": step_time,
+            "perf/data_wait_frac": data_wait / step_time,
+        }
+        if result.grad_norm is not None:
+            scalars["train/grad_norm"] = result.grad_norm
+        if self.device.type == "cuda":
+            scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.flops_per_step and self.peak_flops:
+                scalars["perf/mfu"] = self.flops_per_step / step_time / self.peak_flops
+        for name, value in scalars.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        logger.info(
+            "step %d/%d loss %.4f lr %.3g grad %s skipped %d | %.1f triplets/s %.3f s/step data %.0f%%",
+            step,
+            self.config.train.steps,
+            result.metrics.get("loss", float("nan")),
+            result.lr,
+            "n/a" if result.grad_norm is None else f"{result.grad_norm:.3g}",
+            state.skipped_steps,
+            scalars["perf/triplets_per_s"],
+            step_time,
+            100 * scalars["perf/data_wait_frac"],
+        )
+
+    @torch.no_grad()
+    def _log_attention(self, step: int, batch: dict[str, Any]) -> None:
+        """NP attention maps of the first `logging.num_images` samples, drawn over their reference images."""
+        partitioned = self.config.deepspeed.zero_stage == 3  # every rank must run the forward to gather weights
+        if self.rank != 0 and not partitioned:
+            return
+        count = min(self.config.logging.num_images, batch["reference_image"].shape[0])
+        tensors = {
+            name: batch[name][:count].to(self.device)
+            for name in ("reference_image", "caption_ids", "np_spans", "np_mask")
+        }
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            maps = self.model.concept_maps(**tensors)
+        finally:
+            self.model.train(was_training)
+        if self.rank != 0:
+            return
+        grid = attention_grid(
+            tensors["reference_image"].float().cpu(),
+            maps.float().cpu(),
+            tensors["np_mask"].cpu(),
+            batch["noun_phrases"][:count],
+            self.config.model.backbone,
+        )
+        self.writer.add_image("attention/np_maps", np.asarray(grid), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,83 @@
+"""What every training worker runs: build, resume, loop, close. Ray (`cluster/`) calls `train_worker` on each rank
+after setting up torch.distributed; tests call it under a plain gloo process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from training import checkpoint_layout as layout
+from training.checkpoint import TrainState, load_checkpoint
+from training.config import RootConfig
+from training.distributed import rank_and_world
+from training.engine import build_engine
+from training.loop import LoopContext, run
+from training.monitor import Monitor
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_worker(config: RootConfig, local_rank: int | None = None) -> TrainState:
+    """Train this rank until `train.steps`, resuming from the run's latest complete checkpoint when there is one.
+
+    Args:
+        config: the validated root config (same on every rank).
+        local_rank: this rank's GPU index on its node; defaults to `$LOCAL_RANK` or 0.
+
+    Returns:
+        The final `TrainState`.
+
+    Raises:
+        ValueError: the process group's size differs from `cluster.num_workers`.
+        training.loop.NonFiniteAbort: `train.max_consecutive_skips` non-finite steps in a row.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rank, world = rank_and_world()
+    if world != config.cluster.num_workers:
+        raise ValueError(f"the process group has {world} ranks but cluster.num_workers={config.cluster.num_workers}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    if config.cluster.use_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    from shards.reader import build_reader
+    from training.model import load_model_weights
+    from training.objective import ConTextObjective
+
+    seed_everything(config.train.seed)  # identical initial weights on every rank
+    objective = ConTextObjective(config.model, config.loss)
+    resume = layout.latest_complete(config.run_dir)
+    if resume is None and config.model.init_from:
+        load_model_weights(objective.model, config.model.init_from)
+        logger.info("initialised weights from %s", config.model.init_from)
+    objective.to(device)
+    engine, _, _ = build_engine(objective, config, world)
+    reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
+    seed_everything(config.train.seed + 1 + rank)  # per-rank streams from here on
+    state = TrainState()
+    if resume is not None:
+        state = load_checkpoint(engine, resume[1], reader)
+    elif rank == 0:
+        logger.info("starting run %s from scratch", config.run_dir)
+    monitor = Monitor(config, rank, state.step, objective.model, device)
+    try:
+        state = run(LoopContext(engine, objective.model, reader, monitor, config, device, state))
+    finally:
+        monitor.close()
+        reader.close()
+    if rank == 0:
+        logger.info("run %s finished at step %d (%d skipped)", config.run_dir, state.step, state.skipped_steps)
+    return state
