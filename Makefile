@@ -30,10 +30,15 @@ test: $(STAMP)
 	$(MAKE) lint
 	$(PY) -m pytest tests
 
+# Synthetic benchmark -> shards -> training on a local Ray (127.0.0.1, 2 workers) -> eval of the final checkpoint.
+# The run lands in runs/demo/; running it again resumes (and finds the run already finished).
 demo: $(STAMP)
 	$(PY) launch/make_synthetic.py
 	$(PY) launch/build_shards.py --config configs/tiny.yaml
-	$(PY) launch/demo.py --config configs/tiny.yaml
+	$(PY) launch/train.py --config configs/tiny.yaml
+	$(PY) launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
+	@echo "run directory: runs/demo   (checkpoints/, tensorboard/, eval/)"
+	@echo "tensorboard --logdir runs/demo/tensorboard"
 
 clean:
 	rm -rf $(VENV) data/shards runs

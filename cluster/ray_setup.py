@@ -31,6 +31,24 @@ def cluster_address(cluster: ClusterConfig) -> str | None:
     return cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def relative_path_problem(cluster: ClusterConfig, paths: dict[str, str]) -> str | None:
+    """Why relative paths cannot work for this job, or None.
+
+    Under `ray job submit --working-dir .` the entrypoint runs in Ray's unpacked copy of the working directory
+    (without git-ignored data), and workers on other nodes have their own filesystems: a relative storage path
+    would put checkpoints in a temporary directory that disappears with the job.
+    """
+    if cluster_address(cluster) is None:
+        return None
+    relative = [f"{key}={value}" for key, value in paths.items() if value and not Path(value).is_absolute()]
+    if not relative:
+        return None
+    return (
+        f"{', '.join(relative)}: joining a Ray cluster needs absolute paths on storage every node mounts "
+        "(a relative path would resolve inside the job's temporary copy of the working directory)"
+    )
+
+
 def connect(cluster: ClusterConfig) -> str:
     """Initialise Ray in this driver process (idempotent).
 

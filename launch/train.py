@@ -29,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {conflict}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
 
-    from cluster.ray_setup import connect
+    from cluster.ray_setup import connect, relative_path_problem
+
+    problem = relative_path_problem(
+        config.cluster, {"cluster.storage_path": config.cluster.storage_path, "data.shards_dir": config.data.shards_dir}
+    )
+    if problem is not None:
+        print(f"config error: {problem}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
 
     print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
     from cluster.trainer import run_training
