@@ -1,0 +1,288 @@
+"""The open_clip towers the ConText-CIR network is built on.
+
+`ClipBackbone` wraps an open_clip `CLIP` model and exposes what the fusion head needs without running anything
+twice: the image tower gives its token sequence (CLS first, then the patch grid) and the projected CLIP image
+embedding from the same pass; the text tower gives per-token states after `ln_final` for ids of any length up to
+the context (the tower is causal, so trailing PAD can be cut off without changing a single state at or before
+EOT) and, from those states, the projected CLIP text embedding.
+
+`build_backbone` makes the open_clip model by name: random init, a pretrained tag found in open_clip's cache, or
+a local weights file. A tag that is not cached while the hub is off (`HF_HUB_OFFLINE=1`) or unreachable fails
+within seconds with a message saying how to provide the weights, instead of waiting on the hub client's retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer, text_global_pool
+from torch import nn
+
+from shards.backbone import model_config, register_project_models
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Parameters of the open_clip model that ConText-CIR training never uses (the loss has its own fixed
+# temperature; the text projection only serves the text-only baseline). Frozen, so that every trainable
+# parameter receives a gradient each step, which ZeRO's gradient partitioning expects.
+UNUSED_PARAMETERS = ("logit_scale", "logit_bias", "text_projection")
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """A pretrained tag's weights are neither cached nor downloadable here."""
+
+
+@dataclass
+class ImageFeatures:
+    """One pass of the image tower."""
+
+    tokens: torch.Tensor
+    """(B, prefix + gh*gw, image_width): CLS (when the tower has one) then the patch grid, after `ln_post`."""
+    embedding: torch.Tensor
+    """(B, embed_dim) projected CLIP image embedding, not normalised."""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _download_host(pretrained_cfg: dict) -> str:
+    """The host open_clip would download the tag's weights from (it prefers the Hugging Face hub)."""
+    if pretrained_cfg.get("hf_hub"):
+        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    return urlparse(pretrained_cfg.get("url", "")).hostname or ""
+
+
+def _unreachable(host: str, timeout: float = 5.0) -> str | None:
+    """Why `host` cannot be reached on port 443, or None. Skipped behind a proxy (the proxy decides)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"{host} unreachable: {error}"
+    return None
+
+
+def _cached_weights(pretrained_cfg: dict, cache_dir: str | None) -> str | None:
+    """The local file holding a tag's weights when open_clip's cache already has it, else None."""
+    if pretrained_cfg.get("file"):
+        return pretrained_cfg["file"] if Path(pretrained_cfg["file"]).is_file() else None
+    hub = pretrained_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub)
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for candidate in candidates:
+            found = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return found
+        return None
+    url = pretrained_cfg.get("url", "")
+    if url:
+        path = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)
+        return str(path) if path.is_file() else None
+    return None
+
+
+def _missing_weights_message(name: str, tag: str, detail: str) -> str:
+    return (
+        f"pretrained weights for open_clip model {name!r} tag {tag!r} are not available ({detail}). Either run "
+        f"once where the hub is reachable so open_clip caches them (model.cache_dir), or download the open_clip "
+        f"checkpoint yourself and set model.weights_file=/path/to/open_clip_model.safetensors (model.pretrained "
+        f"is then ignored)"
+    )
+
+
+def load_open_clip_weights(clip_model: nn.Module, path: str | Path) -> None:
+    """Load a local open_clip checkpoint into `clip_model`, strictly.
+
+    Args:
+        clip_model: the open_clip model the checkpoint was saved from (same architecture).
+        path: `.safetensors` (read with safetensors) or a `.pt/.pth/.bin` state dict (torch.load, weights_only).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unsupported suffix, or keys/shapes that do not match the architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights_file: no such file {path}")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"model.weights_file={path}: expected one of {WEIGHT_SUFFIXES}")
+    try:
+        # open_clip's loader reads safetensors with safetensors and everything else with torch.load(weights_only=True),
+        # and converts the known third-party layouts (OpenAI, `module.` prefixes) before a strict load.
+        open_clip.load_checkpoint(clip_model, str(path), strict=True, weights_only=True)
+    except RuntimeError as error:
+        raise ValueError(f"model.weights_file={path} does not fit this open_clip model: {error}") from error
+
+
+def create_open_clip(
+    name: str,
+    pretrained: str | None = None,
+    weights_file: str | None = None,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The open_clip model `name`: random init, a pretrained tag, or a local weights file (which wins).
+
+    Args:
+        name: any open_clip model name, or `ContextTiny`.
+        pretrained: open_clip pretrained tag; looked up in open_clip's cache before any download.
+        weights_file: local open_clip checkpoint; when set, `pretrained` is ignored.
+        cache_dir: open_clip's download cache.
+        device: where to build; `meta` builds the architecture without allocating weights.
+
+    Raises:
+        ValueError: unknown model or tag, or a weights file that does not fit.
+        PretrainedWeightsUnavailable: the tag's weights are not cached and cannot be fetched.
+    """
+    register_project_models()
+    model_config(name)  # a clear error naming the known models for an unknown name
+    device = torch.device(device)
+    kwargs: dict = {"device": device}
+    tag = None if weights_file else pretrained
+    if tag:
+        pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
+        if not pretrained_cfg:
+            raise ValueError(
+                f"model.pretrained={tag!r} is not an open_clip tag of {name!r}; known tags: "
+                f"{open_clip.list_pretrained_tags_by_model(name)}"
+            )
+        cached = _cached_weights(pretrained_cfg, cache_dir)
+        if cached is None:
+            # Fail in seconds rather than after the hub client's minute of retries.
+            if _hub_offline():
+                raise PretrainedWeightsUnavailable(_missing_weights_message(name, tag, "not cached, HF_HUB_OFFLINE=1"))
+            reason = _unreachable(_download_host(pretrained_cfg))
+            if reason:
+                raise PretrainedWeightsUnavailable(_missing_weights_message(name, tag, f"not cached, {reason}"))
+        # Some tags were trained with QuickGELU while the plain model name uses GELU; follow the weights.
+        kwargs["force_quick_gelu"] = bool(pretrained_cfg.get("quick_gelu", False))
+        # A cached file is loaded straight from disk: no request to the hub at all.
+        kwargs.update(pretrained=cached or tag, cache_dir=cache_dir)
+    try:
+        if device.type == "meta":
+            with torch.device("meta"):
+                clip_model = open_clip.create_model(name, **kwargs)
+        else:
+            clip_model = open_clip.create_model(name, **kwargs)
+    except RuntimeError as error:
+        if tag and "download" in str(error).lower():
+            raise PretrainedWeightsUnavailable(_missing_weights_message(name, tag, str(error))) from error
+        raise
+    if weights_file:
+        load_open_clip_weights(clip_model, weights_file)
+        logger.info("loaded open_clip weights for %s from %s", name, weights_file)
+    return clip_model
+
+
+class ClipBackbone(nn.Module):
+    """An open_clip `CLIP` model seen as an image tower (tokens + embedding) and a text tower (token states)."""
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(getattr(clip_model, "visual", None), VisionTransformer):
+            raise ValueError(
+                f"ConText-CIR needs an open_clip ViT image tower with patch tokens; got "
+                f"{type(getattr(clip_model, 'visual', None)).__name__}"
+            )
+        if clip_model.visual.attn_pool is not None:
+            raise ValueError("ConText-CIR needs the ViT's patch grid; attention-pooled towers (CoCa) are not supported")
+        text = getattr(clip_model, "text", clip_model)  # CustomTextCLIP keeps its tower in `.text`
+        if not hasattr(text, "token_embedding") or getattr(text, "cls_emb", None) is not None:
+            raise ValueError("ConText-CIR needs a CLIP-style causal text transformer (no HF text tower, no CLS token)")
+        self.clip = clip_model
+        for name, parameter in clip_model.named_parameters():
+            if name.split(".")[-1] in UNUSED_PARAMETERS:
+                parameter.requires_grad_(False)
+
+    @property
+    def _text(self) -> nn.Module:
+        return getattr(self.clip, "text", self.clip)
+
+    @property
+    def image_width(self) -> int:
+        return self.clip.visual.transformer.width
+
+    @property
+    def text_width(self) -> int:
+        return self._text.transformer.width
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.visual.output_dim
+
+    @property
+    def image_prefix_tokens(self) -> int:
+        """Tokens before the patch grid in `ImageFeatures.tokens` (the CLS token)."""
+        return 1 if self.clip.visual.pool_type == "tok" else 0
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        grid = self.clip.visual.grid_size
+        return int(grid[0]), int(grid[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self._text.positional_embedding.shape[0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every residual block in both towers."""
+        self.clip.set_grad_checkpointing(enable)
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Tokens and projected embedding of `images` (B,3,H,W) from one pass of the image tower."""
+        visual = self.clip.visual
+        hidden = visual._embeds(images.to(visual.conv1.weight.dtype))
+        hidden = visual.transformer(hidden)
+        pooled, patches = visual._pool(hidden)  # open_clip's own pooling: ln_post, then CLS (or mean) and patches
+        tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1) if self.image_prefix_tokens else patches
+        embedding = pooled @ visual.proj if visual.proj is not None else pooled
+        return ImageFeatures(tokens=tokens, embedding=embedding)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, text_width) token states after `ln_final` for ids (B, T), any T up to the context length."""
+        text = self._text
+        length = ids.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"text ids of length {length} exceed the tower's context {self.context_length}")
+        cast_dtype = text.transformer.get_cast_dtype()
+        hidden = text.token_embedding(ids).to(cast_dtype) + text.positional_embedding[:length].to(cast_dtype)
+        causal = text.attn_mask[:length, :length] if text.attn_mask is not None else None
+        hidden = text.transformer(hidden, attn_mask=causal)
+        return text.ln_final(hidden)
+
+    def text_embedding(self, states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) projected CLIP text embedding from `encode_text` states, not normalised."""
+        text = self._text
+        pool_type = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        eos_id = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        pooled = text_global_pool(states, ids, pool_type, eos_token_id=eos_id)
+        projection = text.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+
+def build_backbone(
+    name: str,
+    pretrained: str | None = None,
+    weights_file: str | None = None,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> ClipBackbone:
+    """`ClipBackbone` over `create_open_clip(...)`; see there for the arguments and errors."""
+    return ClipBackbone(create_open_clip(name, pretrained, weights_file, cache_dir, device))

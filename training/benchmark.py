@@ -1,0 +1,205 @@
+"""`launch/bench.py step`: one training step's forward + backward, variants timed side by side in one run.
+
+(a) Text-CC path: ours (fused attention, NP columns from the log-sum-exp, one batched short-NP pass over the
+    reused reference tokens) against the released code's (eager attention weights at 77 tokens, the whole model
+    re-run per NP; `training.cc_reference`).
+(b) Fusion attention: ours with `fused` against the same step with `eager` attention.
+
+The model is built from the config with random weights (ContextTiny for configs/tiny.yaml) and fed a synthetic
+batch of `train.micro_batch` triplets with `nps` noun phrases per caption. Variants alternate inside every repeat,
+so machine load hits them alike; each variant's fastest of `repeats` is reported (timeit's convention: on a shared
+machine the fastest run is the one least disturbed by other work; with other jobs on the cores, OMP_NUM_THREADS=1
+avoids OpenMP threads waiting on each other and gives far steadier CPU figures). On CUDA the step runs under bf16 autocast and
+the result adds triplets/s, peak memory and MFU from an analytic FLOP count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from shards.backbone import image_size
+from training.cc_reference import released_step_outputs
+from training.config import RootConfig
+from training.objective import ConTextObjective
+
+logger = logging.getLogger(__name__)
+SOT, EOT = 49406, 49407
+
+
+def synthetic_batch(
+    batch_size: int, nps: int, max_nps: int, np_length: int, size: int, device: torch.device, seed: int = 0
+) -> dict[str, Any]:
+    """A reader-shaped batch: random images, captions of 3*nps+4 (at least 24) BPE tokens, `nps` spans of 1-3."""
+    generator = torch.Generator().manual_seed(seed)
+    length = max(24, 3 * nps + 4)
+    nps = min(nps, max_nps)
+    caption_ids = torch.zeros(batch_size, 77, dtype=torch.long)
+    caption_ids[:, 0] = SOT
+    caption_ids[:, 1 : length + 1] = torch.randint(1, 49400, (batch_size, length), generator=generator)
+    caption_ids[:, length + 1] = EOT
+    spans = torch.zeros(batch_size, max_nps, 2, dtype=torch.long)
+    np_ids = torch.zeros(batch_size, max_nps, np_length, dtype=torch.long)
+    widths = torch.randint(1, 4, (batch_size, nps), generator=generator)
+    starts = (torch.rand(batch_size, nps, generator=generator) * (length - widths + 1)).long() + 1
+    spans[:, :nps, 0], spans[:, :nps, 1] = starts, starts + widths
+    for sample in range(batch_size):
+        for slot in range(nps):
+            start, end = spans[sample, slot].tolist()
+            np_ids[sample, slot, 0] = SOT
+            np_ids[sample, slot, 1 : 1 + end - start] = caption_ids[sample, start:end]
+            np_ids[sample, slot, 1 + end - start] = EOT
+    batch = {
+        "reference_image": torch.randn(batch_size, 3, size, size, generator=generator),
+        "target_image": torch.randn(batch_size, 3, size, size, generator=generator),
+        "caption_ids": caption_ids,
+        "np_spans": spans,
+        "np_mask": torch.arange(max_nps).expand(batch_size, max_nps) < nps,
+        "np_ids": np_ids,
+    }
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+def _transformer_flops(tokens: int, width: int, layers: int, mlp_width: int) -> int:
+    """Forward matmul FLOPs (2 per multiply-add) of a pre-norm transformer over one sequence."""
+    return layers * (2 * tokens * (4 * width * width + 2 * width * mlp_width) + 4 * tokens * tokens * width)
+
+
+def analytic_step_flops(
+    objective: ConTextObjective, batch_size: int, text_tokens: int, nps: int, np_tokens: int
+) -> float:
+    """Matmul FLOPs of one efficient step: 3x forward for the main pass (forward + backward), 1x for the NP pass.
+
+    Args:
+        objective: the objective whose model's dimensions are counted.
+        batch_size: triplets in the step.
+        text_tokens: caption keys after trimming; np_tokens: NP keys after trimming; nps: NPs per caption.
+    """
+    model = objective.model
+    visual, clip = model.backbone.clip.visual, model.backbone.clip
+    text = getattr(clip, "text", clip)
+    patches = model.patch_grid[0] * model.patch_grid[1]
+    queries = patches + model.backbone.image_prefix_tokens
+    width, text_width, dim = model.backbone.image_width, model.backbone.text_width, model.backbone.embed_dim
+    vision = visual.transformer
+    image = 2 * patches * visual.conv1.weight[0].numel() * width + 2 * width * dim
+    image += _transformer_flops(queries, width, len(vision.resblocks), vision.resblocks[0].mlp.c_fc.out_features)
+
+    def text_flops(tokens: int) -> int:
+        tower = text.transformer
+        return _transformer_flops(tokens, text_width, len(tower.resblocks), tower.resblocks[0].mlp.c_fc.out_features)
+
+    blocks = model.fusion.blocks
+    ffn_width = blocks[0].ffn[0].out_features
+
+    def fusion_flops(rows: int, keys: int, full_last: bool) -> int:
+        per_block = 2 * rows * (2 * width * width + 2 * width * ffn_width) + 4 * keys * text_width * width
+        per_block += 4 * rows * keys * width
+        last = per_block if full_last else 2 * rows * width * width + 2 * keys * text_width * width
+        return (len(blocks) - 1) * per_block + last + 4 * patches * keys * width * len(blocks)  # + lse gradient
+
+    pooler = 2 * queries * 2 * width * width + 2 * width * dim
+    main = batch_size * (2 * image + text_flops(text_tokens) + fusion_flops(queries, text_tokens, True) + pooler)
+    isolated = batch_size * nps * (text_flops(np_tokens) + fusion_flops(patches, np_tokens, False))
+    return float(3 * main + isolated)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    from training.monitor import _PEAK_BF16  # one table of datasheet peaks for the whole project
+
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
+
+
+def step_benchmark(config: RootConfig, repeats: int, nps: int) -> dict[str, Any]:
+    """Time forward + backward of one training step for each variant; see the module docstring.
+
+    Returns:
+        cc_efficient_s, cc_reference_s, cc_ratio (efficient / reference), attn_fused_s, attn_eager_s, attn_ratio
+        (fused / eager), device, batch_size, nps, repeats, threads, backbone; on CUDA also triplets_per_s, peak_mem_gb,
+        mfu and step_tflops. `attn_fused_s` is the efficient step itself (the same variant as `cc_efficient_s`).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.train.seed)
+    model_config = dataclasses.replace(config.model, pretrained=None, weights_file=None, compile=False)
+    objective = ConTextObjective(dataclasses.replace(model_config, attention="fused"), config.loss).to(device)
+    noun_phrases = config.data.noun_phrases
+    batch = synthetic_batch(
+        config.train.micro_batch,
+        nps,
+        noun_phrases.max_nps,
+        noun_phrases.np_length,
+        image_size(config.model.backbone),
+        device,
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def efficient() -> dict[str, torch.Tensor]:
+        return objective(batch)
+
+    def reference() -> dict[str, torch.Tensor]:
+        return released_step_outputs(objective, batch)
+
+    def eager() -> dict[str, torch.Tensor]:
+        objective.model.eager = True
+        try:
+            return objective(batch)
+        finally:
+            objective.model.eager = False
+
+    variants = {"efficient": efficient, "reference": reference, "eager": eager}
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+
+    def run(step) -> float:
+        objective.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with autocast:
+            outputs = step()
+            loss = sum(value for name, value in outputs.items() if name.endswith("_loss"))
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels are asynchronous: wait before reading the clock
+        return time.perf_counter() - started
+
+    for step in variants.values():
+        run(step)  # warm-up: allocator, kernel selection, lazy initialisation
+    for _ in tqdm(range(repeats), desc="step benchmark", unit="repeat"):
+        for name, step in variants.items():
+            timings[name].append(run(step))
+    fastest = {name: min(values) for name, values in timings.items()}
+    result: dict[str, Any] = {
+        "cc_efficient_s": fastest["efficient"],
+        "cc_reference_s": fastest["reference"],
+        "cc_ratio": fastest["efficient"] / fastest["reference"],
+        "attn_fused_s": fastest["efficient"],
+        "attn_eager_s": fastest["eager"],
+        "attn_ratio": fastest["efficient"] / fastest["eager"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backbone": config.model.backbone,
+        "batch_size": config.train.micro_batch,
+        "nps": min(nps, noun_phrases.max_nps),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step_s = run(efficient)
+        text_tokens = int((batch["caption_ids"] != 0).sum(dim=1).max())
+        np_tokens = int((batch["np_ids"] != 0).sum(dim=2).max())
+        flops = analytic_step_flops(objective, config.train.micro_batch, text_tokens, result["nps"], np_tokens)
+        peak = _peak_flops(device)
+        result.update(
+            triplets_per_s=config.train.micro_batch / fastest["efficient"],
+            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
+            step_tflops=flops / 1e12,
+            mfu=flops / fastest["efficient"] / peak if peak else None,
+        )
+        logger.info("last efficient step took %.3f s", step_s)
+    return result

@@ -1,0 +1,55 @@
+"""The authors' released Text-CC path, kept only as the baseline of `launch/bench.py step`.
+
+Their code takes the in-context maps from the attention weights of the main forward (eager attention, caption at
+the full 77 tokens) and gets each isolated map by calling the whole model again for every noun phrase: the image
+tower on the reference image, the text tower on the NP padded to 77, every fusion block with its FFN, and the
+pooler, all without gradient. The efficient path in `training.model` computes the same loss; the tests hold both
+to an independent oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shards.backbone import CONTEXT_LENGTH
+from training.fusion import ConceptColumns, key_padding_mask
+from training.losses import concept_consistency_loss
+from training.model import ConTextCIR
+
+
+@torch.no_grad()
+def released_isolated_maps(
+    model: ConTextCIR, reference_image: torch.Tensor, np_ids: torch.Tensor, np_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, N, P) isolated maps, one whole-model call per NP slot, NP ids padded to the full context."""
+    batch, count, length = np_ids.shape
+    prefix = model.backbone.image_prefix_tokens
+    maps = []
+    for slot in range(count):
+        ids = F.pad(np_ids[:, slot], (0, CONTEXT_LENGTH - length))
+        tokens = model.backbone.encode_image(reference_image).tokens
+        states = model.backbone.encode_text(ids)
+        concepts = ConceptColumns.isolated(ids)
+        fused, slot_maps = model.fusion(tokens, states, key_padding_mask(ids), concepts, prefix, eager=True)
+        model.query_projection(model.pooler(fused, eager=True))  # the released call computes the full output
+        # An empty slot has no key at all (NaN rows); it is masked out of the loss, so zero it here.
+        maps.append(torch.where(np_mask[:, slot, None], slot_maps[:, 0].float(), 0.0))
+    return torch.stack(maps, dim=1)
+
+
+def released_step_outputs(objective, batch: dict) -> dict[str, torch.Tensor]:
+    """`ConTextObjective.forward` with the released Text-CC path: eager attention weights, 77 tokens, re-runs."""
+    model = objective.model
+    saved = model.eager, model.trim_text
+    model.eager, model.trim_text = True, False
+    try:
+        outputs = model(
+            batch["reference_image"], batch["caption_ids"], batch["target_image"], batch["np_spans"], batch["np_mask"]
+        )
+        isolated = released_isolated_maps(model, batch["reference_image"], batch["np_ids"], batch["np_mask"])
+    finally:
+        model.eager, model.trim_text = saved
+    contrastive = objective.contrastive(outputs["fused/query"], outputs["img/target"], outputs["img/reference"])
+    raw = concept_consistency_loss(outputs["fused/np_maps"], isolated, batch["np_mask"], objective.cc_epsilon)
+    return {"contrastive_loss": contrastive["loss"], "cc_loss": objective.lambda_cc * raw, "cc/raw": raw.detach()}

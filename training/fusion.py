@@ -1,0 +1,322 @@
+"""The fusion head: image tokens query the caption through L pre-norm cross-attention + FFN blocks.
+
+Attention runs on fused kernels (`scaled_dot_product_attention`). The Text-CC loss needs attention probabilities
+only for the key columns of noun-phrase tokens, so no block ever materialises the full probability matrix in
+training: the fused kernel also returns each query row's log-sum-exp, and the probabilities of the few NP columns
+are recomputed as exp(q.k * scale - lse). The kernel's lse carries no gradient; `lse_with_gradient` restores the
+exact one (d lse / d s_j = p_j) from one more fused call, P @ K. The eager path (`eager=True`) computes the full
+softmax and stays as the reference for tests and benchmarks.
+
+PAD keys (id 0 after the last non-zero id, i.e. after EOT) are masked in every path, so a text's own length is all
+that matters: running the text tower on ids cut after the batch's longest text gives the same result, and the
+keys are then padded (masked) to a multiple of 16, the lengths the fused kernels handle best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+KEY_LENGTH_MULTIPLE = 16
+"""Fusion keys are padded (masked) to a multiple of this: PyTorch's CPU flash kernel runs several times faster on
+such lengths (16 keys: 3x faster than 8 on the project's CPU), and the kernels see at most 5 key lengths."""
+
+
+def key_padding_mask(ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) True for real tokens: every position up to the last non-zero id (EOT); PAD (0) after it is False."""
+    nonzero = ids != 0
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(nonzero, positions, -1).amax(dim=1, keepdim=True)
+    return positions <= last
+
+
+def trim_padding(ids: torch.Tensor) -> torch.Tensor:
+    """`ids` cut after the batch's longest text (a host sync on GPU); exact for a causal tower with masked PAD."""
+    if ids.device.type == "meta":
+        return ids  # no values to read (shape checks on the meta device)
+    longest = int(key_padding_mask(ids).sum(dim=1).max().item()) if ids.numel() else 1
+    return ids[:, : max(1, longest)]
+
+
+def pad_keys(text_states: torch.Tensor, key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states and key mask padded with masked keys up to a multiple of `KEY_LENGTH_MULTIPLE`."""
+    extra = (-text_states.shape[1]) % KEY_LENGTH_MULTIPLE
+    if not extra:
+        return text_states, key_valid
+    return F.pad(text_states, (0, 0, 0, extra)), F.pad(key_valid, (0, extra), value=False)
+
+
+@dataclass
+class ConceptColumns:
+    """The key columns the concept maps read, and how they average into one map per noun phrase.
+
+    Only the union of NP token positions of each text is kept (`columns`), so the probabilities computed are
+    (B, H, patches, C) with C the most NP tokens any text of the batch has, never the full key length.
+    """
+
+    columns: torch.Tensor
+    """(B, C) key positions; padding entries point at position 0 with zero weight."""
+    weights: torch.Tensor
+    """(B, N, C) float: 1/len(span) on the columns of NP n's span, 0 elsewhere (and for masked NPs)."""
+
+    @classmethod
+    def from_spans(cls, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int) -> ConceptColumns:
+        """Columns of `np_spans` (B, N, 2) `[start, end)` in texts of `key_length` keys; `np_mask` (B, N)."""
+        batch, count = np_mask.shape
+        device = np_spans.device
+        starts = np_spans[..., 0].clamp(0, key_length)
+        ends = torch.maximum(np_spans[..., 1].clamp(0, key_length), starts)
+        valid = np_mask.bool() & (ends > starts)
+        positions = torch.arange(key_length, device=device)
+        inside = (positions >= starts[..., None]) & (positions < ends[..., None]) & valid[..., None]  # (B,N,T)
+        covered = inside.any(dim=1)  # (B,T)
+        if device.type == "meta":
+            width = key_length  # no values to read (shape checks on the meta device)
+        else:
+            width = max(1, int(covered.sum(dim=1).max().item())) if batch and count else 1
+        # A stable sort puts each text's covered positions first, in increasing order.
+        order = torch.sort((~covered).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        real = torch.arange(width, device=device) < covered.sum(dim=1, keepdim=True)
+        columns = torch.where(real, order, 0)
+        selected = torch.gather(inside, 2, columns[:, None, :].expand(batch, count, width)) & real[:, None, :]
+        lengths = (ends - starts).clamp(min=1).to(torch.float32)
+        weights = selected.to(torch.float32) / lengths[..., None]
+        return cls(columns=columns, weights=weights)
+
+    @classmethod
+    def isolated(cls, np_ids: torch.Tensor) -> ConceptColumns:
+        """Columns of NPs encoded alone, one per row of `np_ids` (M, L): every token between SOT and EOT."""
+        eot = key_padding_mask(np_ids).sum(dim=1) - 1  # last real position
+        spans = torch.stack([torch.ones_like(eot), eot.clamp(min=1)], dim=1)[:, None, :]
+        mask = torch.ones(np_ids.shape[0], 1, dtype=torch.bool, device=np_ids.device)
+        return cls.from_spans(spans, mask, np_ids.shape[1])
+
+
+def split_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, W) -> (B, heads, L, W / heads)."""
+    batch, length, width = projected.shape
+    return projected.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def merge_heads(per_head: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads * d)."""
+    batch, heads, length, head_dim = per_head.shape
+    return per_head.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def _additive_mask(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, T) 0 for real keys and -inf for PAD, in the query's dtype (the fused kernels require it)."""
+    mask = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~key_valid, float("-inf"))[:, None, None, :]
+
+
+def attention_eager(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: (output, probabilities (B,H,Q,T) in fp32); PAD keys get exactly zero probability."""
+    scores = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5
+    probabilities = scores.masked_fill(~key_valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    return probabilities.to(value.dtype) @ value, probabilities
+
+
+_warned_lse_fallback = False
+
+
+def attention_fused_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention that also returns each row's log-sum-exp (B,H,Q) in fp32 (no gradient through lse)."""
+    global _warned_lse_fallback
+    mask = _additive_mask(key_valid, query.dtype)
+    scale = query.shape[-1] ** -0.5
+    if query.device.type != "cuda":  # CPU (and meta, for shape checks)
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=mask, scale=scale
+        )
+        return output, lse.float()
+    try:
+        # The memory-efficient kernel wants its bias padded to 16 keys; expand it like SDPA's own front end does.
+        batch, heads, queries, keys = *query.shape[:3], key.shape[2]
+        padded = F.pad(mask, (0, (-keys) % 16))[..., :keys].expand(batch, heads, queries, keys)
+        output, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, padded, True, scale=scale
+        )[:2]
+        return output, lse[..., :queries].float()
+    except RuntimeError as error:  # e.g. a device without the kernel: stay correct, say it once
+        if not _warned_lse_fallback:
+            logger.warning("fused attention with log-sum-exp unavailable (%s); computing lse explicitly", error)
+            _warned_lse_fallback = True
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+        scores = (query @ key.transpose(-1, -2)).float() * scale
+        return output, scores.masked_fill(~key_valid[:, None, None, :], float("-inf")).logsumexp(dim=-1)
+
+
+def lse_with_gradient(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, key_valid: torch.Tensor
+) -> torch.Tensor:
+    """`lse` (value from the kernel) carrying its exact gradient w.r.t. `query` and `key`.
+
+    d lse_q / d q = scale * sum_j p_qj k_j = scale * (P K)_q and d lse_q / d k_j = scale * p_qj q_q. Both come from
+    X_q = scale * q_q . (P_detached K)_q, whose gradient flows to q directly and to K only through the value
+    path of one fused attention call; lse + X - X.detach() has lse's value and lse's gradient.
+    """
+    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
+        return lse
+    weighted_keys = F.scaled_dot_product_attention(
+        query.detach(), key.detach(), key, attn_mask=key_valid[:, None, None, :]
+    )
+    tangent = (query.float() * weighted_keys.float()).sum(dim=-1) * query.shape[-1] ** -0.5
+    return lse + tangent - tangent.detach()
+
+
+def column_probabilities(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, columns: torch.Tensor, key_valid: torch.Tensor
+) -> torch.Tensor:
+    """(B,H,Q,C) fp32 attention probabilities of the key `columns` (B,C): exp(q.k_c * scale - lse); 0 on PAD."""
+    batch, heads, _, head_dim = key.shape
+    index = columns[:, None, :, None].expand(batch, heads, columns.shape[1], head_dim)
+    # Maps feed an absolute-difference loss: keep them fp32 even under autocast (none exists for meta tensors).
+    device_type = query.device.type
+    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext():
+        picked = torch.gather(key, 2, index).float()
+        scores = (query.float() @ picked.transpose(-1, -2)) * head_dim**-0.5
+        scores = scores.masked_fill(~torch.gather(key_valid, 1, columns)[:, None, None, :], float("-inf"))
+        return torch.exp(scores - lse[..., None])
+
+
+def maps_from_columns(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:
+    """(B, N, Q) per-NP maps: column probabilities averaged over each span's tokens and the heads."""
+    per_column = probabilities.mean(dim=1)  # (B, Q, C) averaged over heads
+    return torch.einsum("bqc,bnc->bnq", per_column, concepts.weights)
+
+
+def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumns, prefix: int) -> torch.Tensor:
+    """(B, N, Q - prefix) per-NP maps from full eager probabilities (B, H, Q, T): the reference path."""
+    index = concepts.columns[:, None, None, :].expand(*probabilities.shape[:3], -1)
+    return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, prefix:], concepts)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm residual block: image tokens attend to text tokens, then an FFN. The identity at init."""
+
+    def __init__(self, width: int, text_width: int, heads: int, ffn_mult: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"model.fusion_heads={heads} must divide the image width {width}")
+        self.heads = heads
+        self.query_norm = nn.LayerNorm(width)
+        self.text_norm = nn.LayerNorm(text_width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(text_width, width)
+        self.v_proj = nn.Linear(text_width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.ffn_norm = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
+        # Zero output layers: both residual branches start at 0, so the head starts as the identity on CLIP tokens.
+        for layer in (self.out_proj, self.ffn[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _queries_and_keys(self, tokens: torch.Tensor, text_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query = split_heads(self.q_proj(self.query_norm(tokens)), self.heads)
+        return query, split_heads(self.k_proj(text_norm), self.heads)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        key_valid: torch.Tensor,
+        concepts: ConceptColumns | None = None,
+        prefix: int = 0,
+        eager: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (B,Q,W) after the block, and with `concepts` the block's NP maps (B,N,Q-prefix) over patch rows."""
+        text_norm = self.text_norm(text_states)
+        query, key = self._queries_and_keys(tokens, text_norm)
+        value = split_heads(self.v_proj(text_norm), self.heads)
+        maps = None
+        if eager:
+            attended, probabilities = attention_eager(query, key, value, key_valid)
+            if concepts is not None:
+                maps = maps_from_probabilities(probabilities, concepts, prefix)
+        elif concepts is not None:
+            attended, lse = attention_fused_with_lse(query, key, value, key_valid)
+            patch_query, key_lse = query[:, :, prefix:], lse[:, :, prefix:]
+            key_lse = lse_with_gradient(patch_query, key, key_lse, key_valid)
+            probabilities = column_probabilities(patch_query, key, key_lse, concepts.columns, key_valid)
+            maps = maps_from_columns(probabilities, concepts)
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+        tokens = tokens + self.out_proj(merge_heads(attended))
+        tokens = tokens + self.ffn(self.ffn_norm(tokens))
+        return tokens, maps
+
+    def concept_maps(
+        self,
+        tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        key_valid: torch.Tensor,
+        concepts: ConceptColumns,
+        prefix: int = 0,
+        eager: bool = False,
+    ) -> torch.Tensor:
+        """The block's NP maps alone: no value projection, no output projection, no FFN."""
+        query, key = self._queries_and_keys(tokens, self.text_norm(text_states))
+        if eager:
+            return maps_from_probabilities(attention_eager(query, key, key, key_valid)[1], concepts, prefix)
+        # The kernel needs some value; the keys serve, and the (unused) output costs one small matmul.
+        _, lse = attention_fused_with_lse(query[:, :, prefix:], key, key, key_valid)
+        lse = lse_with_gradient(query[:, :, prefix:], key, lse, key_valid)
+        probabilities = column_probabilities(query[:, :, prefix:], key, lse, concepts.columns, key_valid)
+        return maps_from_columns(probabilities, concepts)
+
+
+class FusionHead(nn.Module):
+    """L cross-attention blocks; concept maps are averaged over the blocks."""
+
+    def __init__(self, width: int, text_width: int, layers: int, heads: int, ffn_mult: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossAttentionBlock(width, text_width, heads, ffn_mult) for _ in range(layers))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        key_valid: torch.Tensor,
+        concepts: ConceptColumns | None = None,
+        prefix: int = 0,
+        eager: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fused tokens (B,Q,W) and, with `concepts`, NP maps (B,N,Q-prefix) averaged over blocks and heads."""
+        text_states, key_valid = pad_keys(text_states, key_valid)
+        total = None
+        for block in self.blocks:
+            tokens, maps = block(tokens, text_states, key_valid, concepts, prefix, eager)
+            if maps is not None:
+                total = maps if total is None else total + maps
+        return tokens, None if total is None else total / len(self.blocks)
+
+    def concept_maps(
+        self,
+        tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        key_valid: torch.Tensor,
+        concepts: ConceptColumns,
+        prefix: int = 0,
+        eager: bool = False,
+    ) -> torch.Tensor:
+        """NP maps only: the last block skips its value path and FFN (nothing downstream reads its tokens)."""
+        text_states, key_valid = pad_keys(text_states, key_valid)
+        total = None
+        for block in self.blocks[:-1]:
+            tokens, maps = block(tokens, text_states, key_valid, concepts, prefix, eager)
+            total = maps if total is None else total + maps
+        last = self.blocks[-1].concept_maps(tokens, text_states, key_valid, concepts, prefix, eager)
+        total = last if total is None else total + last
+        return total / len(self.blocks)

@@ -1,0 +1,89 @@
+"""The two training losses: contrastive over the global batch, and Text Concept-Consistency.
+
+Contrastive: every query is scored against all targets of the global batch and, as hard negatives, all reference
+images (never positives, even when a reference equals its target); its own target is the only positive. A
+symmetric target -> query term is averaged in. Embeddings are gathered from every rank with a gather that carries
+gradients back to the rank that produced them; the loss module owns this collective.
+
+Scaling across ranks: each rank returns the mean over its own rows. The gather's backward sums the gradient that
+every rank's loss sends to a row, and the data-parallel engine averages parameter gradients over ranks, so the
+update equals the gradient of the single-process loss over the concatenated global batch (equal micro-batches on
+every rank, as the reader guarantees).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (B, ...) from every rank along dim 0; gradients flow back to each rank's own rows."""
+    _, world = _world()
+    if world == 1:
+        return tensor
+    from torch.distributed._functional_collectives import all_gather_single
+
+    # The autograd-aware functional gather (torch.distributed.nn.functional.all_gather is deprecated in favour of it).
+    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
+
+
+class ContrastiveLoss(nn.Module):
+    """InfoNCE of queries against gathered targets (+ gathered reference images as negatives), optionally symmetric."""
+
+    def __init__(self, temperature: float = 0.07, reference_negatives: bool = True, symmetric: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.reference_negatives = reference_negatives
+        self.symmetric = symmetric
+
+    def forward(
+        self, query: torch.Tensor, target: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for L2-normalised embeddings (B, D) of this rank.
+
+        Returns:
+            `loss` (mean of the directions used), `query_to_target`, `target_to_query` (when symmetric) and
+            `accuracy` (share of queries whose best candidate is their own target).
+        """
+        rank, _ = _world()
+        query, target = query.float(), target.float()
+        labels = torch.arange(query.shape[0], device=query.device) + rank * query.shape[0]
+        candidates = [gather_with_grad(target)]
+        if self.reference_negatives and reference is not None:
+            candidates.append(gather_with_grad(reference.float()))  # appended after the targets: never a label
+        logits = query @ torch.cat(candidates).T / self.temperature
+        terms = {"query_to_target": F.cross_entropy(logits, labels)}
+        if self.symmetric:
+            logits_back = target @ gather_with_grad(query).T / self.temperature
+            terms["target_to_query"] = F.cross_entropy(logits_back, labels)
+        loss = torch.stack(list(terms.values())).mean()
+        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return {"loss": loss, "accuracy": accuracy, **{name: value.detach() for name, value in terms.items()}}
+
+
+def concept_consistency_loss(
+    in_context: torch.Tensor, isolated: torch.Tensor, np_mask: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    """Text-CC: mean over real NPs of the mean over patches of ReLU(|ctx - iso| - epsilon).
+
+    Args:
+        in_context: (B, N, P) maps of each NP inside its caption.
+        isolated: (B, N, P) maps of each NP encoded alone (no gradient is taken through them).
+        np_mask: (B, N) True for real NPs.
+        epsilon: slack below which a difference costs nothing.
+
+    Returns:
+        A scalar; 0 (still attached to the graph) when the batch has no NP.
+    """
+    gap = F.relu((in_context.float() - isolated.detach().float()).abs() - epsilon).mean(dim=-1)
+    weights = np_mask.to(gap.dtype)
+    return (gap * weights).sum() / weights.sum().clamp(min=1.0)

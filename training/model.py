@@ -1,0 +1,256 @@
+"""The ConText-CIR network: open_clip towers, the cross-attention fusion head, attention pooling, projection.
+
+A composed query is f(I, T): the reference image's tokens (CLS + patch grid) attend to the caption's token states
+through the fusion head; a Set Transformer PMA (one learned seed) pools the fused tokens and a linear map projects
+them into CLIP's joint space, where they are compared with gallery embeddings (`clip`: CLIP's image embedding;
+`fused_empty`: the same query path with an empty caption).
+
+`forward` is the training pass. It returns a flat dict: `fused/query`, `img/target`, `img/reference` (all L2-
+normalised) and, when NP spans are given, the in-context NP maps `fused/np_maps` (with gradient) and, with the
+NPs' own ids too, the isolated maps `fused/np_maps_isolated` (without). The isolated pass is the efficient one: it
+reuses the reference image's patch tokens (detached), encodes every NP of the batch in one text-tower call at the
+NPs' own short length, and stops at the last block's attention weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.backbone import tokenizer
+from training.backbone import ClipBackbone, ImageFeatures, build_backbone
+from training.config import ModelConfig
+from training.fusion import (
+    ConceptColumns,
+    FusionHead,
+    attention_eager,
+    key_padding_mask,
+    merge_heads,
+    split_heads,
+    trim_padding,
+)
+
+ISOLATED_CHUNK_TOKENS = (4096, 262144)
+"""Patch tokens per chunk of the isolated NP pass (CPU, GPU): cache-sized on CPU, memory-bounded on GPU."""
+
+
+class AttentionPooler(nn.Module):
+    """Set Transformer PMA with one seed: H = LN(S + MHA(S, X)), out = LN(H + FFN(H))."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.seed = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.q_proj = nn.Linear(width, width)
+        self.kv_proj = nn.Linear(width, 2 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.attention_norm = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
+        self.ffn_norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """(B, W) pooled from tokens (B, Q, W)."""
+        seed = self.seed.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        query = split_heads(self.q_proj(seed), self.heads)
+        key, value = (split_heads(part, self.heads) for part in self.kv_proj(tokens).chunk(2, dim=-1))
+        if eager:
+            every_token = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            attended = attention_eager(query, key, value, every_token)[0]
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value)
+        pooled = self.attention_norm(seed + self.out_proj(merge_heads(attended)))
+        return self.ffn_norm(pooled + self.ffn(pooled))[:, 0]
+
+
+class ConTextCIR(nn.Module):
+    """Composed-query encoder over an open_clip backbone."""
+
+    def __init__(self, backbone: ClipBackbone, config: ModelConfig, empty_caption_ids: torch.Tensor) -> None:
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.image_width
+        self.fusion = FusionHead(width, backbone.text_width, config.fusion_layers, config.fusion_heads, config.ffn_mult)
+        self.pooler = AttentionPooler(width, config.fusion_heads, config.ffn_mult)
+        self.query_projection = nn.Linear(width, backbone.embed_dim, bias=False)
+        nn.init.normal_(self.query_projection.weight, std=width**-0.5)
+        self.eager = config.attention == "eager"
+        self.target_encoding = config.target_encoding
+        self.trim_text = True
+        """Cut caption PAD after the batch's longest caption (exact); the released-code benchmark path turns it off."""
+        self.register_buffer("empty_caption_ids", empty_caption_ids.reshape(1, -1), persistent=False)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(gh, gw) of the image tower's patch grid; concept maps have gh*gw entries."""
+        return self.backbone.patch_grid
+
+    # --- pieces -----------------------------------------------------------------------------------------------
+
+    def _text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(trimmed ids, token states, key mask); trimming trailing PAD is exact (causal tower, masked keys)."""
+        ids = trim_padding(caption_ids) if self.trim_text else caption_ids
+        return ids, self.backbone.encode_text(ids), key_padding_mask(ids)
+
+    def _query(
+        self,
+        image_tokens: torch.Tensor,
+        text_states: torch.Tensor,
+        key_valid: torch.Tensor,
+        concepts: ConceptColumns | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised query embedding (B, D) and, with `concepts`, in-context NP maps (B, N, patches)."""
+        prefix = self.backbone.image_prefix_tokens
+        fused, maps = self.fusion(image_tokens, text_states, key_valid, concepts, prefix, self.eager)
+        query = self.query_projection(self.pooler(fused, self.eager))
+        return F.normalize(query, dim=-1), maps
+
+    def _gallery(self, features: ImageFeatures) -> torch.Tensor:
+        """Normalised gallery embedding of images already through the image tower."""
+        if self.target_encoding == "clip":
+            return F.normalize(features.embedding, dim=-1)
+        ids, states, valid = self._text(self.empty_caption_ids)
+        batch = features.tokens.shape[0]
+        return self._query(features.tokens, states.expand(batch, -1, -1), valid.expand(batch, -1))[0]
+
+    # --- the public encoders ----------------------------------------------------------------------------------
+
+    def encode_query(self, reference_image: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised composed-query embedding f(reference_image, caption)."""
+        _, states, valid = self._text(caption_ids)
+        return self._query(self.backbone.encode_image(reference_image).tokens, states, valid)[0]
+
+    def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised gallery/target embedding, per `model.target_encoding`."""
+        return self._gallery(self.backbone.encode_image(images))
+
+    def encode_image_clip(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) normalised CLIP image embedding (the image-only baseline)."""
+        return F.normalize(self.backbone.encode_image(images).embedding, dim=-1)
+
+    def encode_text_clip(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) normalised CLIP text embedding (the text-only baseline)."""
+        ids = trim_padding(caption_ids)
+        return F.normalize(self.backbone.text_embedding(self.backbone.encode_text(ids), ids), dim=-1)
+
+    def concept_maps(
+        self, reference_image: torch.Tensor, caption_ids: torch.Tensor, np_spans: torch.Tensor, np_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, N, gh, gw) in-context NP maps over the patch grid (CLS excluded), averaged over tokens/heads/layers."""
+        ids, states, valid = self._text(caption_ids)
+        tokens = self.backbone.encode_image(reference_image).tokens
+        concepts = ConceptColumns.from_spans(np_spans, np_mask, ids.shape[1])
+        prefix = self.backbone.image_prefix_tokens
+        maps = self.fusion.concept_maps(tokens, states, valid, concepts, prefix, self.eager)
+        return maps.reshape(*maps.shape[:2], *self.patch_grid)
+
+    @torch.no_grad()
+    def isolated_concept_maps(
+        self, patch_tokens: torch.Tensor, np_ids: torch.Tensor, np_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, N, P) maps of each NP encoded alone, over the given reference patch tokens (B, P, W); no gradient.
+
+        Every real NP of the batch goes through one text-tower call at the NPs' own length and one fusion pass
+        (queries: its reference image's patch tokens; nothing from the image tower runs again).
+        """
+        batch, count, _ = np_ids.shape
+        patches = patch_tokens.shape[1]
+        maps = torch.zeros(batch * count, patches, dtype=torch.float32, device=patch_tokens.device)
+        rows = np_mask.reshape(-1).nonzero().squeeze(1)
+        if not rows.numel():
+            return maps.reshape(batch, count, patches)
+        ids = trim_padding(np_ids.reshape(batch * count, -1)[rows])
+        states, valid = self.backbone.encode_text(ids), key_padding_mask(ids)
+        concepts = ConceptColumns.isolated(ids)
+        images = torch.div(rows, count, rounding_mode="floor")
+        # Chunks of NPs keep the fusion activations of one chunk in cache (CPU) or bounded in memory (GPU).
+        step = max(1, ISOLATED_CHUNK_TOKENS[patch_tokens.device.type == "cuda"] // patches)
+        for start in range(0, rows.numel(), step):
+            chunk = slice(start, start + step)
+            chunk_concepts = ConceptColumns(concepts.columns[chunk], concepts.weights[chunk])
+            isolated = self.fusion.concept_maps(
+                patch_tokens[images[chunk]], states[chunk], valid[chunk], chunk_concepts, 0, self.eager
+            )
+            maps[rows[chunk]] = isolated[:, 0].float()
+        return maps.reshape(batch, count, patches)
+
+    def forward(
+        self,
+        reference_image: torch.Tensor,
+        caption_ids: torch.Tensor,
+        target_image: torch.Tensor,
+        np_spans: torch.Tensor | None = None,
+        np_mask: torch.Tensor | None = None,
+        np_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The training pass; see the module docstring for the returned keys."""
+        batch = reference_image.shape[0]
+        # One image-tower call for both image sets: the tower treats samples independently.
+        images = self.backbone.encode_image(torch.cat([reference_image, target_image]))
+        reference = ImageFeatures(images.tokens[:batch], images.embedding[:batch])
+        target = ImageFeatures(images.tokens[batch:], images.embedding[batch:])
+        ids, states, valid = self._text(caption_ids)
+        with_maps = np_spans is not None and np_mask is not None and np_mask.shape[1] > 0
+        concepts = ConceptColumns.from_spans(np_spans, np_mask, ids.shape[1]) if with_maps else None
+        query, maps = self._query(reference.tokens, states, valid, concepts)
+        outputs = {"fused/query": query, "img/target": self._gallery(target), "img/reference": self._gallery(reference)}
+        if with_maps:
+            outputs["fused/np_maps"] = maps
+        if with_maps and np_ids is not None:
+            patches = reference.tokens[:, self.backbone.image_prefix_tokens :].detach()
+            outputs["fused/np_maps_isolated"] = self.isolated_concept_maps(patches, np_ids, np_mask)
+        return outputs
+
+
+def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> ConTextCIR:
+    """The ConText-CIR network for `config`: random init, an open_clip pretrained tag, or `model.weights_file`.
+
+    `model.init_from` (a full ConText-CIR checkpoint) is not read here; `load_model_weights` does that.
+
+    Raises:
+        ValueError: unknown backbone or tag, a weights file that does not fit, an incompatible tower.
+        training.backbone.PretrainedWeightsUnavailable: a pretrained tag that is neither cached nor downloadable.
+    """
+    backbone = build_backbone(config.backbone, config.pretrained, config.weights_file, config.cache_dir, device)
+    backbone.set_grad_checkpointing(config.grad_checkpointing)
+    empty = tokenizer(config.backbone)([""]).to(torch.device(device))
+    with torch.device(device):
+        model = ConTextCIR(backbone, config, empty)
+    if config.compile:
+        model.compile()  # compiles `forward` in place; parameter names (and checkpoints) stay unchanged
+    return model
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # a `torch.compile(model)` wrapper
+
+
+def save_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Write every parameter and persistent buffer of `model` to a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in _unwrapped(model).state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a `save_model_weights` file into `model` strictly; errors name the file and the mismatching keys."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    target = _unwrapped(model)
+    state = load_file(str(path), device="cpu")
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(name for name in set(state) & set(expected) if state[name].shape != expected[name].shape)
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{path} does not fit this model (is model.backbone / fusion_layers the same?): missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
+        )
+    target.load_state_dict(state, strict=True)
