@@ -1,0 +1,153 @@
+"""Writing a generated benchmark in CIRR's on-disk layout, plus the trees and boxes sidecars.
+
+    <root>/cirr/captions/cap.rc2.{train,val,test1}.json     caption entries
+    <root>/cirr/image_splits/split.rc2.{train,val,test1}.json  image name -> ./relative/path.png
+    <root>/train/<NN>/*.png  <root>/dev/*.png  <root>/test1/*.png
+    <root>/trees.jsonl       {"caption", "tree"} for every caption entry of every split
+    <root>/objects.json      image objects with boxes, and which caption NPs name which reference object
+    <root>/synthetic.json    what generated it (marks the directory as ours)
+
+Every JSON file is written with sorted keys in a fixed order, so one seed gives the same bytes every time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shards.synthetic.render import object_box, png_bytes, render
+from shards.synthetic.scenes import CELL_NAMES, Scene
+from shards.synthetic.sets import IMAGE_DIRS, ImageRecord, SplitContent
+
+logger = logging.getLogger(__name__)
+
+MARKER = "synthetic.json"
+"""File that marks a directory as a generated benchmark, so regenerating may clear it."""
+OWNED = ("cirr", *sorted(set(IMAGE_DIRS.values())), "trees.jsonl", "objects.json", MARKER)
+
+
+def prepare_root(root: Path) -> None:
+    """Create `root`, or clear a previous generation in it; refuse to touch a directory that is not ours."""
+    if root.exists() and any(root.iterdir()) and not (root / MARKER).is_file():
+        raise FileExistsError(
+            f"{root} is not empty and holds no {MARKER}: it is not a synthetic benchmark; choose an empty --out"
+        )
+    for name in OWNED:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, sort_keys=True, indent=1) + "\n")
+
+
+def caption_entries(split: str, content: SplitContent) -> list[dict[str, Any]]:
+    """CIRR caption entries; test1 entries carry no target."""
+    entries = []
+    for triplet in content.triplets:
+        entry: dict[str, Any] = {
+            "pairid": triplet.pairid,
+            "reference": triplet.reference,
+            "caption": triplet.caption.text,
+            "img_set": {
+                "id": triplet.set_id,
+                "members": list(triplet.members),
+                "reference_rank": triplet.members.index(triplet.reference),
+            },
+        }
+        if split != "test1":
+            entry["target_hard"] = triplet.target
+            entry["target_soft"] = {triplet.target: 1.0}
+            entry["img_set"]["target_rank"] = triplet.members.index(triplet.target)
+        entries.append(entry)
+    return entries
+
+
+def image_entry(scene: Scene, canvas: int) -> dict[str, Any]:
+    return {
+        "size": [canvas, canvas],
+        "background": scene.background,
+        "objects": [
+            {
+                "id": obj.id,
+                "shape": obj.shape,
+                "color": obj.color,
+                "size": obj.size,
+                "position": CELL_NAMES[obj.cell],
+                "box": [round(v, 4) for v in object_box(obj)],
+            }
+            for obj in scene.objects
+        ],
+    }
+
+
+def write_annotations(root: Path, splits: dict[str, SplitContent], canvas: int, marker: dict[str, Any]) -> None:
+    """Caption and split files of every split, trees.jsonl, objects.json and the marker."""
+    objects: dict[str, Any] = {"images": {}, "captions": {}}
+    with (root / "trees.jsonl").open("w") as trees:
+        for split, content in splits.items():
+            write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", caption_entries(split, content))
+            write_json(
+                root / "cirr" / "image_splits" / f"split.rc2.{split}.json",
+                {image.name: image.relative_path for image in content.images},
+            )
+            for image in content.images:
+                objects["images"][image.name] = image_entry(image.scene, canvas)
+            objects["captions"][split] = {
+                str(triplet.pairid): [
+                    {
+                        "np": mention.text,
+                        "object": mention.object_id,
+                        "image": "reference",
+                        "char_start": mention.char_start,
+                    }
+                    for mention in triplet.caption.mentions
+                ]
+                for triplet in content.triplets
+            }
+            for triplet in content.triplets:
+                line = {"caption": triplet.caption.text, "tree": triplet.caption.tree}
+                trees.write(json.dumps(line, sort_keys=True) + "\n")
+    write_json(root / "objects.json", objects)
+    write_json(root / MARKER, marker)
+
+
+def _render_one(job: tuple[str, Scene, int]) -> None:
+    path, scene, canvas = job
+    Path(path).write_bytes(png_bytes(render(scene, canvas)))
+
+
+def write_images(
+    root: Path, images: Iterable[ImageRecord], canvas: int, workers: int, show_progress: bool = True
+) -> int:
+    """Render every image to its CIRR path; `workers` processes (<= 1: in this process). Returns the count."""
+    jobs = []
+    for image in images:
+        path = root / image.relative_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(path), image.scene, canvas))
+    progress = tqdm(total=len(jobs), desc="rendering", unit="img", disable=not show_progress)
+    if workers <= 1:
+        for job in jobs:
+            _render_one(job)
+            progress.update()
+    else:
+        # Each image's bytes depend only on its scene, so the order the workers finish in does not matter.
+        with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_render_one, jobs, chunksize=64):
+                progress.update()
+    progress.close()
+    return len(jobs)
