@@ -32,9 +32,20 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 
 
 def resolve_storage(config: RootConfig) -> RootConfig:
-    """The same config with `cluster.storage_path` made absolute (workers do not share the driver's cwd)."""
-    storage = Path(config.cluster.storage_path).expanduser().resolve()
-    config.cluster.storage_path = str(storage)
+    """The same config with every path the workers read made absolute: workers do not share the driver's cwd.
+
+    Covers `cluster.storage_path`, `data.shards_dir`, `model.weights_file`, `model.init_from` and
+    `model.cache_dir`; relative paths resolve against the driver's working directory.
+    """
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    config.cluster.storage_path = absolute(config.cluster.storage_path)
+    config.data.shards_dir = absolute(config.data.shards_dir)
+    config.model.weights_file = absolute(config.model.weights_file)
+    config.model.init_from = absolute(config.model.init_from)
+    config.model.cache_dir = absolute(config.model.cache_dir)
     return config
 
 

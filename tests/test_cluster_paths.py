@@ -1,0 +1,35 @@
+"""Paths the driver hands to Ray workers: workers run in their own directories, so relative paths must not reach them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ClusterConfig
+from cluster.ray_setup import relative_path_problem
+from cluster.trainer import resolve_storage
+from training.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_relative_paths_resolve_against_the_driver_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = resolve_storage(
+        load_config(REPO_ROOT / "configs" / "tiny.yaml", ["model.init_from=weights/model.safetensors"])
+    )
+    assert config.cluster.storage_path == str(tmp_path / "runs")
+    assert config.data.shards_dir == str(tmp_path / "data" / "shards" / "tiny")
+    assert config.model.init_from == str(tmp_path / "weights" / "model.safetensors")
+    assert config.model.weights_file is None
+
+
+def test_joining_a_cluster_refuses_relative_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = ClusterConfig()
+    assert relative_path_problem(local, {"cluster.storage_path": "./runs"}) is None
+    joined = ClusterConfig(address="127.0.0.1:6379")
+    problem = relative_path_problem(joined, {"cluster.storage_path": "./runs", "data.shards_dir": "/abs/shards"})
+    assert problem is not None and "cluster.storage_path=./runs" in problem and "shards_dir" not in problem
+    assert relative_path_problem(joined, {"cluster.storage_path": "/shared/runs"}) is None
