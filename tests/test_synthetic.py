@@ -97,6 +97,20 @@ def test_image_sets_hold_reference_target_and_five_distinct_edits(bench):
             assert pixels(bench, image_split[entry["reference"]]) not in others
 
 
+def test_each_edited_member_is_the_target_once_so_image_similarity_scores_chance(bench):
+    for split in ("train", "val"):
+        captions, _ = load(bench, split)
+        targets_by_set: dict[int, list[str]] = {}
+        members_by_set: dict[int, set[str]] = {}
+        for entry in captions:
+            targets_by_set.setdefault(entry["img_set"]["id"], []).append(entry["target_hard"])
+            members_by_set[entry["img_set"]["id"]] = set(entry["img_set"]["members"]) - {entry["reference"]}
+        complete = [set_id for set_id, targets in targets_by_set.items() if len(targets) == 5]
+        assert complete, "the fixture should hold at least one complete set"
+        for set_id in complete:
+            assert sorted(targets_by_set[set_id]) == sorted(members_by_set[set_id])
+
+
 def test_no_two_images_of_a_split_look_alike(bench):
     for split in SPLITS:
         _, image_split = load(bench, split)

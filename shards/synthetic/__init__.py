@@ -20,9 +20,14 @@ from shards.synthetic.sets import SplitContent, SplitPlan, build_split
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DEFAULT_TRIPLETS = {"train": 6000, "val": 600, "test1": 300}
-DEFAULT_TRIPLETS_PER_SET = {"train": 5, "val": 2, "test1": 2}
-"""Train uses every edited member of a set as a target once; val and test keep queries fewer than images."""
+DEFAULT_TRIPLETS = {"train": 6000, "val": 1000, "test1": 300}
+DEFAULT_TRIPLETS_PER_SET = {"train": 5, "val": 5, "test1": 5}
+"""Every edited member of a set is the target of one caption. A reference's own ranking of its set is then right
+for exactly one of them, so image similarity alone scores exactly chance on subset recall (1/5)."""
+DEFAULT_SETS_PER_REFERENCE = {"train": 2, "val": 3, "test1": 3}
+"""Image sets around one reference scene. Evaluation splits put more look-alike edits of each reference in the
+gallery (image similarity alone finds the target at most once in 15 on recall@1); train spends its images on more
+distinct references instead."""
 DEFAULT_CANVAS = 128
 """Rendered image side in pixels; objects stay recognisable at the tiny model's 64 x 64 input."""
 
@@ -57,7 +62,7 @@ def generate(
     spec: SceneSpec | None = None,
     canvas: int = DEFAULT_CANVAS,
     triplets_per_set: dict[str, int] | None = None,
-    sets_per_reference: int = 2,
+    sets_per_reference: dict[str, int] | None = None,
     max_edits: int = 2,
     workers: int = 1,
     show_progress: bool = False,
@@ -71,9 +76,11 @@ def generate(
         n_train, n_val, n_test: caption entries of the train, val and test1 splits.
         spec: shapes, colours, objects per scene and edit mix; `SceneSpec()` by default.
         canvas: image side in pixels.
-        triplets_per_set: caption entries per image set, per split (see DEFAULT_TRIPLETS_PER_SET).
-        sets_per_reference: image sets sharing one reference scene; more sets put more look-alike edits of the
-            reference in the gallery, which image similarity alone cannot tell apart.
+        triplets_per_set: caption entries per image set, by split (train, val, test1); missing splits take
+            DEFAULT_TRIPLETS_PER_SET.
+        sets_per_reference: image sets sharing one reference scene, by split; more sets put more look-alike edits
+            of the reference in the gallery, which image similarity alone cannot tell apart. Missing splits take
+            DEFAULT_SETS_PER_REFERENCE.
         max_edits: most edits one caption asks for (1 or 2 keeps the captions readable).
         workers: rendering processes; the output does not depend on it.
         show_progress: show a tqdm bar while rendering.
@@ -84,6 +91,7 @@ def generate(
     started = time.perf_counter()
     spec = spec or SceneSpec()
     per_set = {**DEFAULT_TRIPLETS_PER_SET, **(triplets_per_set or {})}
+    per_reference = {**DEFAULT_SETS_PER_REFERENCE, **(sets_per_reference or {})}
     if canvas < 32:
         raise ValueError(f"canvas must be >= 32 pixels, got {canvas}")
     for label, names, known in (
@@ -98,7 +106,7 @@ def generate(
     sizes = {"train": n_train, "val": n_val, "test1": n_test}
     splits: dict[str, SplitContent] = {}
     for split, count in sizes.items():
-        plan = SplitPlan(count, per_set[split], sets_per_reference=sets_per_reference, max_edits=max_edits)
+        plan = SplitPlan(count, per_set[split], sets_per_reference=per_reference[split], max_edits=max_edits)
         splits[split] = build_split(split, plan, seed, spec)
     summary = SyntheticSummary(
         out_dir=str(root),
@@ -115,7 +123,7 @@ def generate(
         "canvas": canvas,
         "spec": asdict(spec),
         "triplets_per_set": per_set,
-        "sets_per_reference": sets_per_reference,
+        "sets_per_reference": per_reference,
         "max_edits": max_edits,
         "triplets": summary.triplets,
         "images": summary.images,
@@ -127,4 +135,12 @@ def generate(
     return summary
 
 
-__all__ = ["DEFAULT_TRIPLETS", "MARKER", "SceneSpec", "SyntheticSummary", "generate"]
+__all__ = [
+    "DEFAULT_SETS_PER_REFERENCE",
+    "DEFAULT_TRIPLETS",
+    "DEFAULT_TRIPLETS_PER_SET",
+    "MARKER",
+    "SceneSpec",
+    "SyntheticSummary",
+    "generate",
+]

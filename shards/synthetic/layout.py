@@ -49,9 +49,14 @@ def prepare_root(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any, compact: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, sort_keys=True, indent=1) + "\n")
+    text = (
+        json.dumps(value, sort_keys=True, separators=(",", ":"))
+        if compact
+        else json.dumps(value, sort_keys=True, indent=1)
+    )
+    path.write_text(text + "\n")
 
 
 def caption_entries(split: str, content: SplitContent) -> list[dict[str, Any]]:
@@ -121,7 +126,7 @@ def write_annotations(root: Path, splits: dict[str, SplitContent], canvas: int, 
             for triplet in content.triplets:
                 line = {"caption": triplet.caption.text, "tree": triplet.caption.tree}
                 trees.write(json.dumps(line, sort_keys=True) + "\n")
-    write_json(root / "objects.json", objects)
+    write_json(root / "objects.json", objects, compact=True)  # one line: it holds every object of every image
     write_json(root / MARKER, marker)
 
 
