@@ -25,15 +25,38 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own rows.
+
+    Plain synchronous `all_gather` / `all_reduce`: torch's functional (async) collectives corrupted memory under
+    gloo on CPU in a long run (a worker aborted with a malloc error inside their backward), and this form is the
+    well-trodden one. Summing over ranks matches a reduce-scatter of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rank, world = _world()
+        ctx.rank, ctx.rows = rank, tensor.shape[0]
+        chunks = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(chunks, tensor.contiguous())
+        return torch.cat(chunks, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        summed = grad_output.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` (B, ...) from every rank along dim 0; gradients flow back to each rank's own rows."""
+    """Concatenate `tensor` (B, ...) from every rank along dim 0; gradients flow back to each rank's own rows.
+
+    Every rank must pass the same batch size (the streaming reader guarantees equal, full batches).
+    """
     _, world = _world()
     if world == 1:
         return tensor
-    from torch.distributed._functional_collectives import all_gather_single
-
-    # The autograd-aware functional gather (torch.distributed.nn.functional.all_gather is deprecated in favour of it).
-    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
+    return _GatherWithGrad.apply(tensor)
 
 
 class ContrastiveLoss(nn.Module):
