@@ -8,7 +8,7 @@ obeys the loop's collective vote; under ZeRO the DeepSpeed optimizer also refuse
 (from the global norm) before calling AdamW. Either way DeepSpeed counts the skip and holds the LR schedule back,
 and its micro-step counters stay aligned because `engine.step()` still runs.
 
-DeepSpeed's own checkpoint loader calls `torch.load(weights_only=False)`. `SafeTorchCheckpointEngine` replaces
+DeepSpeed's own checkpoint loader unpickles arbitrary objects (its `torch.load` turns `weights_only` off). `SafeTorchCheckpointEngine` replaces
 it with `weights_only=True` plus an allow-list of the few plain DeepSpeed types its ZeRO optimizer states hold,
 so resuming never unpickles arbitrary objects.
 """
