@@ -148,6 +148,19 @@ def test_clip_baselines_equal_open_clip_encoders():
         )
 
 
+def test_query_views_equal_the_separate_encoders():
+    """The eval job's one-pass encoder returns exactly what the three separate encoders return."""
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    batch = make_batch([5, 40, 75], [0, 0, 0])
+    images, ids = batch["reference_image"], batch["caption_ids"]
+    with torch.no_grad():
+        views = model.encode_query_views(images, ids)
+        torch.testing.assert_close(views["fused/query"], model.encode_query(images, ids))
+        torch.testing.assert_close(views["img/reference"], model.encode_image_clip(images))
+        torch.testing.assert_close(views["txt/caption"], model.encode_text_clip(ids))
+
+
 def test_fused_empty_gallery_is_the_query_path_with_an_empty_caption():
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(TINY, target_encoding="fused_empty")).eval()

@@ -122,6 +122,21 @@ class ConTextCIR(nn.Module):
         _, states, valid = self._text(caption_ids)
         return self._query(self.backbone.encode_image(reference_image).tokens, states, valid)[0]
 
+    def encode_query_views(self, reference_image: torch.Tensor, caption_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The composed query and both single-modality baselines from one pass of each tower.
+
+        Returns `fused/query` (= encode_query), `img/reference` (= encode_image_clip of the reference) and
+        `txt/caption` (= encode_text_clip of the caption), each (B, D) and L2-normalised. The eval job needs all
+        three per query batch; calling the three encoders would run the image and text towers twice each.
+        """
+        ids, states, valid = self._text(caption_ids)
+        image = self.backbone.encode_image(reference_image)
+        return {
+            "fused/query": self._query(image.tokens, states, valid)[0],
+            "img/reference": F.normalize(image.embedding, dim=-1),
+            "txt/caption": F.normalize(self.backbone.text_embedding(states, ids), dim=-1),
+        }
+
     def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised gallery/target embedding, per `model.target_encoding`."""
         return self._gallery(self.backbone.encode_image(images))

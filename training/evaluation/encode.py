@@ -176,9 +176,10 @@ def encode_queries(
         pixels = pixels.to(device, non_blocking=True)
         ids = caption_ids[start:stop].to(device, non_blocking=True)
         with autocast(device):
-            composed.append(F.normalize(model.encode_query(pixels, ids).float(), dim=-1).cpu())
-            images.append(F.normalize(model.encode_image_clip(pixels).float(), dim=-1).cpu())
-            texts.append(F.normalize(model.encode_text_clip(ids).float(), dim=-1).cpu())
+            views = model.encode_query_views(pixels, ids)  # one pass of each tower for the query and baselines
+            composed.append(F.normalize(views["fused/query"].float(), dim=-1).cpu())
+            images.append(F.normalize(views["img/reference"].float(), dim=-1).cpu())
+            texts.append(F.normalize(views["txt/caption"].float(), dim=-1).cpu())
             if spans:
                 _score_grounding(model, queries[start:stop], spans[start:stop], pixels, ids, sizes, result)
     result.query, result.image, result.text = torch.cat(composed), torch.cat(images), torch.cat(texts)
