@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from training.config import ConfigError, RootConfig, load_config
+from training.config_loader import ConfigError, RootConfig, load_config
 
 CONFIG_ERROR_EXIT = 2
 

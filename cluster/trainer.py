@@ -1,4 +1,4 @@
-"""The Ray Train `TorchTrainer` that runs `training.worker.train_worker` on `cluster.num_workers` ranks.
+"""The Ray Train `TorchTrainer` that runs `training.trainer.worker.train_worker` on `cluster.num_workers` ranks.
 
 Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before calling the worker. On a worker failure Ray
 restarts the whole group up to `cluster.max_failures` times; each restarted worker resumes from the run's latest
@@ -15,7 +15,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training import faults
-from training.config import RootConfig
+from training.config_loader import RootConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ FORWARDED_ENV = (*faults.ENV_VARS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "
 def _train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
-    from training.worker import train_worker
+    from training.trainer.worker import train_worker
 
     train_worker(loop_config["config"], local_rank=ray.train.get_context().get_local_rank())
 

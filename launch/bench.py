@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
 KINDS = ("loader", "step")
 
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     if kind == "loader":
-        from shards.benchmark import loader_benchmark
+        from training.perf.loader import loader_benchmark
 
         result = loader_benchmark(config, seconds=args.seconds)
     else:
-        from training.benchmark import step_benchmark
+        from training.perf.step import step_benchmark
 
         result = step_benchmark(config, repeats=args.repeats, nps=args.nps)
     print(json.dumps(result, sort_keys=True))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
 DATA_ERROR_EXIT = 1
 
@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from shards.build import build_shards
-    from shards.noun_phrases import NounPhraseError
-    from shards.sources import SourceError
+    from shards.build.builder import build_shards
+    from shards.build.noun_phrases import NounPhraseError
+    from shards.build.sources import SourceError
 
     try:
         report = build_shards(config.data, config.model.backbone)

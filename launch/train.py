@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
-    from training.checkpoint import fresh_start_conflict
+    from training.checkpoint.checkpointer import fresh_start_conflict
 
     conflict = fresh_start_conflict(config)
     if conflict is not None:

@@ -157,7 +157,7 @@ class ShardIndex:
     """`index.json` of a shard set."""
 
     tokenizer: str
-    """Tokenizer the ids were made with (`shards.backbone.tokenizer_name`)."""
+    """Tokenizer the ids were made with (`shards.model_inputs.tokenizer_name`)."""
     context_length: int
     noun_phrases: dict[str, Any]
     """NP settings: parser, max_nps, np_length."""

@@ -123,9 +123,9 @@ def write_checkpoint(run_dir: Path, step: int, config, complete: bool = True, se
     """A checkpoint as the trainer lays it out: ContextTiny weights, the saved config, trainer state, COMPLETE last."""
     import torch
 
-    from training import checkpoint_layout as layout
-    from training.config import to_yaml
-    from training.model import build_model, save_model_weights
+    from training.checkpoint import layout
+    from training.config_loader import to_yaml
+    from training.model.context_cir import build_model, save_model_weights
 
     torch.manual_seed(seed + step)
     path = layout.checkpoint_dir(run_dir, step)

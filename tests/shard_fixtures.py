@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.backbone import CONTEXT_LENGTH, TINY_BACKBONE, tokenizer, tokenizer_name
 from shards.format import ShardEntry, ShardIndex, encode_sample, file_sha256, shard_name
+from shards.model_inputs import CONTEXT_LENGTH, TINY_BACKBONE, tokenizer, tokenizer_name
 
 COLORS = ("red", "green", "blue", "yellow", "white", "black", "purple")
 SHAPES = ("cube", "ball", "cone", "ring", "star")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_engine import TINY, tiny_overrides
 
-from training import checkpoint_layout as layout
-from training.checkpoint import TrainState, fresh_start_conflict, prune
-from training.config import load_config
+from training.checkpoint import layout
+from training.checkpoint.checkpointer import TrainState, fresh_start_conflict, prune
+from training.config_loader import load_config
 
 
 def _fake_checkpoint(run_dir: Path, step: int, complete: bool) -> Path:
@@ -82,7 +82,7 @@ class _Payload:
 
 
 def test_engine_loader_never_unpickles_arbitrary_objects(tmp_path):
-    from training.engine import safe_checkpoint_engine
+    from training.engine.deepspeed_engine import safe_checkpoint_engine
 
     path = tmp_path / "evil.pt"
     torch.save({"module": {}, "payload": _Payload()}, path)
@@ -94,13 +94,13 @@ def test_engine_loader_never_unpickles_arbitrary_objects(tmp_path):
 
 
 def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
-    from shards.reader import build_reader
-    from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.engine import build_engine
-    from training.loop import train_step
-    from training.model import load_model_weights
-    from training.objective import ConTextObjective
-    from training.worker import seed_everything
+    from shards.stream.reader import build_reader
+    from training.checkpoint.checkpointer import load_checkpoint, save_checkpoint
+    from training.engine.deepspeed_engine import build_engine
+    from training.model.context_cir import load_model_weights
+    from training.objectives.context import ConTextObjective
+    from training.trainer.loop import train_step
+    from training.trainer.worker import seed_everything
 
     config = load_config(TINY, overrides)
     cpu = torch.device("cpu")
@@ -141,8 +141,8 @@ def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     reader.close()
 
     # model.init_from: a new run starts from the saved weights only (fresh step, schedule, Adam and data)
-    from training.monitor import read_metrics
-    from training.worker import train_worker
+    from training.monitor.run_monitor import read_metrics
+    from training.trainer.worker import train_worker
 
     init_config = load_config(
         TINY, [*overrides, "cluster.run_name=init", f"model.init_from={saved / layout.WEIGHTS}", "train.steps=1"]

@@ -1,4 +1,4 @@
-"""The efficient Text-CC pass against the straightforward oracle (tests/cc_reference.py), on the tiny model."""
+"""The efficient Text-CC pass against the straightforward oracle (tests/cc_oracle.py), on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cc_reference import make_batch, reference_cc_loss
-from training.benchmark import step_benchmark
-from training.cc_reference import released_step_outputs
-from training.config import LossConfig, ModelConfig, load_config
-from training.fusion import ConceptColumns, key_padding_mask
-from training.losses import concept_consistency_loss
-from training.model import build_model
-from training.objective import ConTextObjective
+from tests.cc_oracle import make_batch, reference_cc_loss
+from training.config_loader import LossConfig, ModelConfig, load_config
+from training.model.context_cir import build_model
+from training.model.fusion import ConceptColumns, key_padding_mask
+from training.objectives.context import ConTextObjective
+from training.objectives.contrastive import concept_consistency_loss
+from training.perf.released_cc import released_step_outputs
+from training.perf.step import step_benchmark
 
 EPSILON = 0.002  # small, so that most patch differences are above the slack and carry gradient
 # NP counts 0..10 over 11 captions; two captions are 75 tokens long (EOT at position 76, the 77-token edge),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import ConfigError, RootConfig, load_config, to_yaml
+from training.config_loader import ConfigError, RootConfig, load_config, to_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))

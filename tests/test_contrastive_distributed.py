@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from training.losses import ContrastiveLoss
+from training.objectives.contrastive import ContrastiveLoss
 
 WORLD, PER_RANK, IN, DIM = 2, 3, 6, 4
 

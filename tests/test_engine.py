@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import ConfigError, load_config
-from training.engine import deepspeed_config
+from training.config_loader import ConfigError, load_config
+from training.engine.deepspeed_engine import deepspeed_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
@@ -90,16 +90,16 @@ class _PoisonedReader:
 
 
 def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
-    from shards.reader import build_reader
-    from training.loop import LoopContext, NonFiniteAbort, run, train_step
-    from training.monitor import Monitor
-    from training.objective import ConTextObjective
-    from training.worker import seed_everything
+    from shards.stream.reader import build_reader
+    from training.monitor.run_monitor import Monitor
+    from training.objectives.context import ConTextObjective
+    from training.trainer.loop import LoopContext, NonFiniteAbort, run, train_step
+    from training.trainer.worker import seed_everything
 
     config = load_config(TINY, overrides)
     seed_everything(0)
     objective = ConTextObjective(config.model, config.loss)
-    from training.engine import build_engine
+    from training.engine.deepspeed_engine import build_engine
 
     engine, _, _ = build_engine(objective, config, world)
     reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
@@ -151,7 +151,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     from dist_harness import run_ranks
     from shard_fixtures import write_shard_set
 
-    from training.monitor import read_metrics
+    from training.monitor.run_monitor import read_metrics
 
     write_shard_set(tmp_path / "shards", [20, 20, 20, 20])
     overrides = tiny_overrides(tmp_path, tmp_path / "shards", **{"train.max_consecutive_skips": 2})

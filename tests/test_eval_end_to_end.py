@@ -13,14 +13,14 @@ import torch
 from eval_fixtures import write_checkpoint, write_circo, write_cirr_layout, write_fashioniq, write_synthetic
 from PIL import Image
 
-from shards.backbone import eval_transform, tokenizer
-from training.config import load_config
+from shards.model_inputs import eval_transform, tokenizer
+from training.config_loader import load_config
 from training.evaluation.benchmarks.synthetic import read_synthetic
 from training.evaluation.metrics import box_share
 from training.evaluation.scoring import EncodeSettings, score_split
 from training.evaluation.spans import phrase_span_finder
 from training.evaluation.submissions import validate_circo_submission, validate_cirr_submission
-from training.model import build_model
+from training.model.context_cir import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -7,7 +7,7 @@ import json
 import pytest
 from eval_fixtures import write_circo, write_cirr_layout, write_fashioniq, write_synthetic
 
-from training.config import EvalConfig
+from training.config_loader import EvalConfig
 from training.evaluation.benchmarks import BenchmarkError, scored_splits, submission_split, unset_roots
 from training.evaluation.benchmarks.circo import read_circo
 from training.evaluation.benchmarks.cirr import read_cirr

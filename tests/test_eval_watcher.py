@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from eval_fixtures import write_checkpoint, write_synthetic
 
-from training import checkpoint_layout as layout
-from training.config import load_config
+from training.checkpoint import layout
+from training.config_loader import load_config
 from training.evaluation.runner import Evaluator, result_path
 from training.evaluation.watcher import CheckpointWatcher, WatchState
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import ContrastiveLoss, concept_consistency_loss
+from training.objectives.contrastive import ContrastiveLoss, concept_consistency_loss
 
 TAU = 0.07
 

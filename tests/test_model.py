@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.cc_reference import make_batch
-from training.backbone import PretrainedWeightsUnavailable, build_backbone
-from training.config import ModelConfig
-from training.fusion import ConceptColumns, CrossAttentionBlock, FusionHead, key_padding_mask
-from training.model import build_model, load_model_weights, save_model_weights
+from tests.cc_oracle import make_batch
+from training.config_loader import ModelConfig
+from training.model.context_cir import build_model, load_model_weights, save_model_weights
+from training.model.fusion import ConceptColumns, CrossAttentionBlock, FusionHead, key_padding_mask
+from training.model.towers import PretrainedWeightsUnavailable, build_backbone
 
 TINY = ModelConfig(backbone="ContextTiny", fusion_layers=2, fusion_heads=4)
 
@@ -102,7 +102,7 @@ def test_fused_attention_equals_eager_and_pad_keys_get_zero_attention():
     torch.testing.assert_close(fused_maps, eager_maps, atol=1e-5, rtol=0)
 
     # Eager: the probabilities of PAD columns are exactly zero.
-    from training.fusion import attention_eager, column_probabilities, split_heads
+    from training.model.fusion import attention_eager, column_probabilities, split_heads
 
     query = split_heads(block.q_proj(block.query_norm(tokens)), 4)
     key = split_heads(block.k_proj(block.text_norm(text)), 4)
@@ -114,7 +114,7 @@ def test_fused_attention_equals_eager_and_pad_keys_get_zero_attention():
     noisy[1, 3:] -= 50
     for path in ({}, {"concepts": concepts, "prefix": 1}):
         torch.testing.assert_close(block(tokens, noisy, valid, **path)[0], block(tokens, text, valid, **path)[0])
-    from training.fusion import attention_fused_with_lse
+    from training.model.fusion import attention_fused_with_lse
 
     _, lse = attention_fused_with_lse(query, key, key, valid)
     every_column = torch.arange(8).expand(2, 8)

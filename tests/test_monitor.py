@@ -9,14 +9,14 @@ import torch
 from shard_fixtures import write_shard_set
 from test_engine import TINY, tiny_overrides
 
-from training.checkpoint import TrainState
-from training.config import load_config
-from training.loop import StepResult
-from training.monitor import Monitor, read_metrics
+from training.checkpoint.checkpointer import TrainState
+from training.config_loader import load_config
+from training.monitor.run_monitor import Monitor, read_metrics
+from training.trainer.loop import StepResult
 
 
 def _first_batch(config):
-    from shards.reader import build_reader
+    from shards.stream.reader import build_reader
 
     reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, 0, 1)
     batch = next(iter(reader))
@@ -27,7 +27,7 @@ def _first_batch(config):
 def test_monitor_logs_scalars_metrics_and_attention_grid(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from training.model import build_model
+    from training.model.context_cir import build_model
 
     write_shard_set(tmp_path / "shards", [8])
     overrides = tiny_overrides(tmp_path, tmp_path / "shards", **{"cluster.num_workers": 1, "train.global_batch": 4})
@@ -68,7 +68,7 @@ def test_monitor_logs_scalars_metrics_and_attention_grid(tmp_path):
 
 
 def test_attention_grid_draws_each_phrase_map_over_its_image():
-    from training.attention_images import TILE, attention_grid
+    from training.monitor.attention_images import TILE, attention_grid
 
     images = torch.zeros(2, 3, 16, 16)
     maps = torch.zeros(2, 3, 2, 2)

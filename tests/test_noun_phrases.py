@@ -9,8 +9,7 @@ import pytest
 from stanza.models.common.doc import Document
 from stanza.models.constituency.tree_reader import read_trees
 
-from shards.config import NounPhraseConfig
-from shards.noun_phrases import (
+from shards.build.noun_phrases import (
     NounPhraseError,
     align_leaves,
     extract_from_trees,
@@ -19,6 +18,7 @@ from shards.noun_phrases import (
     noun_phrases_of_document,
     read_tree_sidecar,
 )
+from shards.config import NounPhraseConfig
 
 
 def _texts(caption: str, tree: str, max_nps: int = 10) -> list[str]:

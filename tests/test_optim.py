@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import OptimConfig
-from training.optim import WarmupCosineRestarts, build_optimizer, build_scheduler, param_groups
+from training.config_loader import OptimConfig
+from training.engine.optimizer import WarmupCosineRestarts, build_optimizer, build_scheduler, param_groups
 
 
 class _Tower(nn.Module):

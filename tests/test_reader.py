@@ -14,8 +14,8 @@ import torch
 from shard_fixtures import insert_member, replace_member, shard_keys, truncate, write_shard_set
 
 from shards.format import ShardIndex, shard_name
-from shards.reader import ShardStream
-from shards.stream_plan import StreamPlan
+from shards.stream.plan import StreamPlan
+from shards.stream.reader import ShardStream
 
 SIZES = [5, 23, 9, 17, 12, 7, 20]
 BATCH = 4
@@ -256,8 +256,8 @@ def test_batches_follow_the_contract(shard_set):
 
 @pytest.mark.timeout(60)
 def test_loader_benchmark_reports_throughput_per_core(shard_set):
-    from shards.benchmark import loader_benchmark
-    from training.config import load_config
+    from training.config_loader import load_config
+    from training.perf.loader import loader_benchmark
 
     config = load_config(
         None,

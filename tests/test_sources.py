@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from raw_dataset_fixtures import write_cirr, write_lasco, write_manifest
 
+from shards.build.sources import SourceError, mixture, read_cirr, read_jsonl, read_lasco, read_source
 from shards.config import SourceConfig
-from shards.sources import SourceError, mixture, read_cirr, read_jsonl, read_lasco, read_source
 
 
 def test_cirr_reader_resolves_names_through_the_image_split(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shards.backbone import TINY_BACKBONE, tokenizer
-from shards.noun_phrases import NounPhrase
-from shards.tokens import MISALIGNED, TOO_LONG, TRUNCATED, CaptionTokenizer
+from shards.build.noun_phrases import NounPhrase
+from shards.build.tokens import MISALIGNED, TOO_LONG, TRUNCATED, CaptionTokenizer
+from shards.model_inputs import TINY_BACKBONE, tokenizer
 
 
 @pytest.fixture(scope="module")

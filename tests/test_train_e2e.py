@@ -23,9 +23,9 @@ import pytest
 from dist_harness import free_port
 from shard_fixtures import write_shard_set
 
-from training import checkpoint_layout as layout
 from training import faults
-from training.monitor import read_metrics
+from training.checkpoint import layout
+from training.monitor.run_monitor import read_metrics
 
 pytestmark = pytest.mark.slow
 

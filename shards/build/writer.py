@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 from shards.format import encode_sample, file_sha256
-from shards.noun_phrases import NounPhrase
-from shards.tokens import CaptionTokenizer
+from shards.build.noun_phrases import NounPhrase
+from shards.build.tokens import CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shards.backbone import eval_transform
 from shards.format import FIELDS, ShardFormatError, decode_tokens, split_member_name
-from shards.stream_plan import Piece
+from shards.model_inputs import eval_transform
+from shards.stream.plan import Piece
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Pipeline, per rank: seeded per-epoch shard order -> contiguous share of the epoch's sample sequence for this rank
 -> one share per loader slot -> tar members -> grouped samples -> seeded shuffle buffer -> decode (open_clip
-transform of the backbone) -> batch. `shards.stream_plan` plans the shares from the index counts alone, so every
-rank knows `steps_per_epoch` at construction and all ranks run the same number of steps; `shards.slot` runs one
+transform of the backbone) -> batch. `shards.stream.plan` plans the shares from the index counts alone, so every
+rank knows `steps_per_epoch` at construction and all ranks run the same number of steps; `shards.stream.slot` runs one
 share and records its exact position in every batch; this module runs the slots in torch DataLoader workers and
 keeps, on the consumer side, the positions of the batches actually handed out.
 
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.backbone import CONTEXT_LENGTH, tokenizer_name
 from shards.config import DataConfig
 from shards.format import ShardIndex
-from shards.slot import SlotCursor, SlotSpec, slot_batches
-from shards.stream_plan import StreamPlan
+from shards.model_inputs import CONTEXT_LENGTH, tokenizer_name
+from shards.stream.plan import StreamPlan
+from shards.stream.slot import SlotCursor, SlotSpec, slot_batches
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from shards.decode import REFILLED_SAMPLES, Record, SkipAndCount, collate, decode_stage, read_records
-from shards.stream_plan import StreamPlan
+from shards.stream.decode import REFILLED_SAMPLES, Record, SkipAndCount, collate, decode_stage, read_records
+from shards.stream.plan import StreamPlan
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Saving and loading a checkpoint as a set of named pieces (layout: `training.checkpoint_layout`).
+"""Saving and loading a checkpoint as a set of named pieces (layout: `training.checkpoint.layout`).
 
     deepspeed/            engine state: module, AdamW moments, LR schedule (DeepSpeed's own files, per rank)
     model.safetensors     consolidated weights for the eval job (rank 0; gathered first under ZeRO-3)
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import checkpoint_layout as layout
 from training import faults
-from training.config import RootConfig, to_yaml
-from training.distributed import all_gather_json, barrier, rank_and_world
+from training.checkpoint import layout
+from training.config_loader import RootConfig, to_yaml
+from training.engine.distributed import all_gather_json, barrier, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _write_weights(engine, model: torch.nn.Module, path: Path, rank: int) -> None:
     """Consolidated `model.safetensors` of the network (all ranks call it: ZeRO-3 gathers collectively)."""
-    from training.model import save_model_weights
+    from training.model.context_cir import save_model_weights
 
     if engine.zero_optimization_stage() != 3:
         if rank == 0:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import RootConfig
-from training.optim import SkippableAdamW, build_optimizer, build_scheduler
+from training.config_loader import RootConfig
+from training.engine.optimizer import SkippableAdamW, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 

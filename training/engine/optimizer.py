@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.config import OptimConfig
+from training.config_loader import OptimConfig
 
 _NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
 # Parameter names that are embeddings or learned seeds even when they are plain 2-D `nn.Parameter`s

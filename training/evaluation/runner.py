@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from shards import backbone as backbones
-from training import checkpoint_layout as layout
-from training.config import RootConfig, load_saved_config, to_container
+from shards import model_inputs as backbones
+from training.checkpoint import layout
+from training.config_loader import RootConfig, load_saved_config, to_container
 from training.evaluation.benchmarks import BenchmarkSplit, scored_splits, submission_split
 from training.evaluation.encode import resolve_device
 from training.evaluation.scoring import BASELINES, MODEL, EncodeSettings, SplitScores, combine_parts, score_split
@@ -76,7 +76,7 @@ def run_dir_of(checkpoint: Path, fallback: Path) -> Path:
 
 def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, RootConfig]:
     """Build the model from the checkpoint's saved config and load `model.safetensors` (no pickle anywhere)."""
-    from training.model import build_model, load_model_weights
+    from training.model.context_cir import build_model, load_model_weights
 
     config_file, weights_file = checkpoint / layout.CONFIG, checkpoint / layout.WEIGHTS
     for needed in (config_file, weights_file):

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from training.checkpoint_layout import write_atomically
+from training.checkpoint.layout import write_atomically
 
 CIRR_VERSION = "rc2"
 CIRR_RECALL_LENGTH = 50

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training import checkpoint_layout as layout
+from training.checkpoint import layout
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.backbone import tokenizer
-from training.backbone import ClipBackbone, ImageFeatures, build_backbone
-from training.config import ModelConfig
-from training.fusion import (
+from shards.model_inputs import tokenizer
+from training.config_loader import ModelConfig
+from training.model.fusion import (
     ConceptColumns,
     FusionHead,
     attention_eager,
@@ -32,6 +31,7 @@ from training.fusion import (
     split_heads,
     trim_padding,
 )
+from training.model.towers import ClipBackbone, ImageFeatures, build_backbone
 
 ISOLATED_CHUNK_TOKENS = (4096, 262144)
 """Patch tokens per chunk of the isolated NP pass (CPU, GPU): cache-sized on CPU, memory-bounded on GPU."""
@@ -226,7 +226,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> ConT
 
     Raises:
         ValueError: unknown backbone or tag, a weights file that does not fit, an incompatible tower.
-        training.backbone.PretrainedWeightsUnavailable: a pretrained tag that is neither cached nor downloadable.
+        training.model.towers.PretrainedWeightsUnavailable: a pretrained tag that is neither cached nor downloadable.
     """
     backbone = build_backbone(config.backbone, config.pretrained, config.weights_file, config.cache_dir, device)
     backbone.set_grad_checkpointing(config.grad_checkpointing)

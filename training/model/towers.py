@@ -25,7 +25,7 @@ import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
-from shards.backbone import model_config, register_project_models
+from shards.model_inputs import model_config, register_project_models
 
 logger = logging.getLogger(__name__)
 

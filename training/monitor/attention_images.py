@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from shards.backbone import normalisation
+from shards.model_inputs import normalisation
 
 TILE = 128
 """Pixels per side of each image tile."""

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.attention_images import attention_grid
-from training.config import RootConfig
+from training.config_loader import RootConfig
+from training.monitor.attention_images import attention_grid
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import LossConfig, ModelConfig
-from training.losses import ContrastiveLoss, concept_consistency_loss
-from training.model import ConTextCIR, build_model
+from training.config_loader import LossConfig, ModelConfig
+from training.model.context_cir import ConTextCIR, build_model
+from training.objectives.contrastive import ContrastiveLoss, concept_consistency_loss
 
 
 class ConTextObjective(nn.Module):

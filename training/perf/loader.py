@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards.reader import build_reader
+from shards.stream.reader import build_reader
 
 
 def loader_benchmark(config: Any, seconds: float) -> dict[str, Any]:

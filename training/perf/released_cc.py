@@ -3,7 +3,7 @@
 Their code takes the in-context maps from the attention weights of the main forward (eager attention, caption at
 the full 77 tokens) and gets each isolated map by calling the whole model again for every noun phrase: the image
 tower on the reference image, the text tower on the NP padded to 77, every fusion block with its FFN, and the
-pooler, all without gradient. The efficient path in `training.model` computes the same loss; the tests hold both
+pooler, all without gradient. The efficient path in `training.model.context_cir` computes the same loss; the tests hold both
 to an independent oracle.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shards.backbone import CONTEXT_LENGTH
-from training.fusion import ConceptColumns, key_padding_mask
-from training.losses import concept_consistency_loss
-from training.model import ConTextCIR
+from shards.model_inputs import CONTEXT_LENGTH
+from training.model.context_cir import ConTextCIR
+from training.model.fusion import ConceptColumns, key_padding_mask
+from training.objectives.contrastive import concept_consistency_loss
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 (a) Text-CC path: ours (fused attention, NP columns from the log-sum-exp, one batched short-NP pass over the
     reused reference tokens) against the released code's (eager attention weights at 77 tokens, the whole model
-    re-run per NP; `training.cc_reference`).
+    re-run per NP; `training.perf.released_cc`).
 (b) Fusion attention: ours with `fused` against the same step with `eager` attention.
 
 The model is built from the config with random weights (ContextTiny for configs/tiny.yaml) and fed a synthetic
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from shards.backbone import image_size
-from training.cc_reference import released_step_outputs
-from training.config import RootConfig
-from training.objective import ConTextObjective
+from shards.model_inputs import image_size
+from training.config_loader import RootConfig
+from training.objectives.context import ConTextObjective
+from training.perf.released_cc import released_step_outputs
 
 logger = logging.getLogger(__name__)
 SOT, EOT = 49406, 49407
@@ -110,7 +110,7 @@ def analytic_step_flops(
 
 
 def _peak_flops(device: torch.device) -> float | None:
-    from training.monitor import _PEAK_BF16  # one table of datasheet peaks for the whole project
+    from training.monitor.run_monitor import _PEAK_BF16  # one table of datasheet peaks for the whole project
 
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from training import faults
-from training.checkpoint import TrainState, save_checkpoint
-from training.distributed import all_reduce_sum, keys_digest, rank_and_world
-from training.engine import local_grad_norm
+from training.checkpoint.checkpointer import TrainState, save_checkpoint
+from training.engine.deepspeed_engine import local_grad_norm
+from training.engine.distributed import all_reduce_sum, keys_digest, rank_and_world
 
 
 class NonFiniteAbort(RuntimeError):
@@ -73,7 +73,7 @@ def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device
 
 @dataclass
 class LoopContext:
-    """Everything the loop touches, built by `training.worker`."""
+    """Everything the loop touches, built by `training.trainer.worker`."""
 
     engine: Any
     model: torch.nn.Module

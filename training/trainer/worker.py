@@ -10,13 +10,13 @@ import random
 import numpy as np
 import torch
 
-from training import checkpoint_layout as layout
-from training.checkpoint import TrainState, load_checkpoint
-from training.config import RootConfig
-from training.distributed import rank_and_world
-from training.engine import build_engine
-from training.loop import LoopContext, run
-from training.monitor import Monitor
+from training.checkpoint import layout
+from training.checkpoint.checkpointer import TrainState, load_checkpoint
+from training.config_loader import RootConfig
+from training.engine.deepspeed_engine import build_engine
+from training.engine.distributed import rank_and_world
+from training.monitor.run_monitor import Monitor
+from training.trainer.loop import LoopContext, run
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def train_worker(config: RootConfig, local_rank: int | None = None) -> TrainStat
 
     Raises:
         ValueError: the process group's size differs from `cluster.num_workers`.
-        training.loop.NonFiniteAbort: `train.max_consecutive_skips` non-finite steps in a row.
+        training.trainer.loop.NonFiniteAbort: `train.max_consecutive_skips` non-finite steps in a row.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rank, world = rank_and_world()
@@ -53,9 +53,9 @@ def train_worker(config: RootConfig, local_rank: int | None = None) -> TrainStat
     else:
         device = torch.device("cpu")
 
-    from shards.reader import build_reader
-    from training.model import load_model_weights
-    from training.objective import ConTextObjective
+    from shards.stream.reader import build_reader
+    from training.model.context_cir import load_model_weights
+    from training.objectives.context import ConTextObjective
 
     seed_everything(config.train.seed)  # identical initial weights on every rank
     objective = ConTextObjective(config.model, config.loss)

@@ -6,7 +6,7 @@ split whose rankings go to a server (CIRR test1, CIRCO test) when `eval.splits` 
 
 from __future__ import annotations
 
-from training.config import EvalConfig
+from training.config_loader import EvalConfig
 from training.evaluation.benchmarks.base import BenchmarkError, BenchmarkSplit, GroundedPhrase, Protocol, Query
 from training.evaluation.benchmarks.circo import read_circo
 from training.evaluation.benchmarks.cirr import read_cirr

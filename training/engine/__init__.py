@@ -1,0 +1,1 @@
+"""The DeepSpeed engine: its JSON config, the optimizer, the learning-rate schedule, collectives."""

@@ -1,0 +1,1 @@
+"""The per-worker training job: build, resume, loop, close."""
