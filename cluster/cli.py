@@ -1,13 +1,41 @@
-"""The command line shared by every entry script: `--config FILE` plus dotted `key.path=value` overrides."""
+"""The command line shared by every entry script: `--config FILE` plus dotted `key.path=value` overrides.
+
+`--config vith.yaml` or `--config vith` finds `configs/vith.yaml` of this repository when no such file exists in
+the working directory, so the command users type works from anywhere (and inside `ray job submit`).
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from training.config_loader import ConfigError, RootConfig, load_config
+from cluster.root_config import RootConfig, load_config
+from training.config_loader import ConfigError
 
 CONFIG_ERROR_EXIT = 2
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def available_configs() -> list[str]:
+    """The names of the shipped configs (`configs/*.yaml`)."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name: str) -> Path:
+    """The config file `name` means: a path that exists, else `configs/<name>` or `configs/<name>.yaml`.
+
+    Raises:
+        ConfigError: nothing matches; the message lists the shipped configs.
+    """
+    given = Path(name).expanduser()
+    if given.is_file():
+        return given
+    if given.parent == Path("."):  # a bare name, not a path that happens to be missing
+        for candidate in (CONFIG_DIR / given.name, CONFIG_DIR / f"{given.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"config file not found: {name}; shipped configs ({CONFIG_DIR}): {', '.join(available_configs())}")
 
 
 def parse_config_args(
@@ -21,12 +49,15 @@ def parse_config_args(
         ConfigError: the config is unusable; callers exit with CONFIG_ERROR_EXIT before starting anything.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file (configs/tiny.yaml, configs/vith.yaml, ...)")
+    parser.add_argument(
+        "--config", required=True, help=f"YAML config file, or the name of a shipped one ({', '.join(available_configs())})"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-5 cluster.num_workers=4")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    args.config = str(find_config(args.config))
     return args, load_config(args.config, args.overrides)
 
 
-__all__ = ["CONFIG_ERROR_EXIT", "ConfigError", "parse_config_args"]
+__all__ = ["CONFIG_ERROR_EXIT", "ConfigError", "available_configs", "find_config", "parse_config_args"]

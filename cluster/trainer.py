@@ -14,13 +14,12 @@ from pathlib import Path
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from training import faults
-from training.config_loader import RootConfig
+from cluster.root_config import RootConfig
 
 logger = logging.getLogger(__name__)
 
 # Forwarded from the driver's environment to every worker when set.
-FORWARDED_ENV = (*faults.ENV_VARS, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "OMP_NUM_THREADS")
+FORWARDED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "OMP_NUM_THREADS")
 
 
 def _train_loop_per_worker(loop_config: dict) -> None:

@@ -1,11 +1,12 @@
 """The separate evaluation job: score one checkpoint, or watch a run and score each checkpoint as it lands.
 
     python launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
-    python launch/eval.py --config configs/vith.yaml --watch [--until-step N] [--benchmarks cirr,circo]
+    python launch/eval.py --config vith --watch [--until-step N] [--benchmarks cirr,circo]
     ray job submit --working-dir . -- python launch/eval.py --config configs/vith.yaml --watch
+    python launch/eval.py --list                      # the registered benchmarks and methods
 
 Loads only `model.safetensors` plus the checkpoint's saved config; writes `<run>/eval/step_XXXXXXXX.json`,
-TensorBoard `eval/<benchmark>/<metric>`, and `<run>/eval/best.json`, and prints the model beside three baselines.
+TensorBoard `eval/<benchmark>/<metric>`, and `<run>/eval/best.json`, and prints the model beside its baselines.
 """
 
 from __future__ import annotations
@@ -18,27 +19,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
-KNOWN = ("cirr", "circo", "fashioniq", "patterncir", "synthetic")
-
 
 def add_arguments(parser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--checkpoint", help="a checkpoint directory, or <run>/checkpoints/latest")
     target.add_argument("--watch", action="store_true", help="poll the run's checkpoints and score each once")
-    parser.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(KNOWN)} (default: eval.benchmarks)")
+    parser.add_argument("--benchmarks", help="comma-separated registered benchmarks (default: eval.benchmarks)")
     parser.add_argument("--until-step", type=int, help="watch: stop once a checkpoint at or past this step is scored")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--list"]:
+        from training.evaluation.catalog import benchmark_table, method_table
+
+        print(benchmark_table(), method_table(), sep="\n\n")
+        return 0
     try:
         args, config = parse_config_args(argv, "ConText-CIR evaluation job", add_arguments)
-        benchmarks = [name.strip() for name in args.benchmarks.split(",")] if args.benchmarks else None
-        unknown = [name for name in benchmarks or () if name not in KNOWN]
-        if unknown:
-            raise ConfigError(f"--benchmarks has unknown {unknown}; known: {', '.join(KNOWN)}")
-        from training.evaluation.benchmarks import unset_roots
+        from training.evaluation.benchmarks import BENCHMARKS
 
-        missing = unset_roots(config.eval, benchmarks or config.eval.benchmarks)
+        benchmarks = [name.strip() for name in args.benchmarks.split(",")] if args.benchmarks else None
+        unknown = [name for name in benchmarks or () if name not in BENCHMARKS]
+        if unknown:
+            raise ConfigError(f"--benchmarks has unknown {unknown}; registered: {', '.join(BENCHMARKS.names())}")
+        missing = config.eval.unset_roots(benchmarks or config.eval.benchmarks)
         if missing:
             raise ConfigError(f"{args.config}: {', '.join(missing)} must be set to evaluate those benchmarks")
     except ConfigError as error:

@@ -2,6 +2,7 @@
 
     ray job submit --working-dir . -- python launch/train.py --config configs/vith.yaml [key.path=value ...]
     python launch/train.py --config configs/tiny.yaml            # no cluster: a local Ray on 127.0.0.1
+    python launch/train.py --config vith --dry-run               # a bare name finds configs/vith.yaml; check only
 
 Resubmitting the same `cluster.run_name` resumes from its latest complete checkpoint.
 """
@@ -16,12 +17,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, start nothing")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        _, config = parse_config_args(argv, "Train ConText-CIR on a Ray cluster (DeepSpeed workers).")
+        args, config = parse_config_args(argv, "Train ConText-CIR on a Ray cluster (DeepSpeed workers).", add_arguments)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
+    if args.dry_run:
+        from training.config_loader import to_yaml
+
+        print(to_yaml(config), end="")
+        print(
+            f"# {args.config}: valid; {config.world_size} worker(s) x micro-batch {config.train.micro_batch} x "
+            f"accumulation {config.accumulation_steps} = global batch {config.train.global_batch}; run {config.run_dir}"
+        )
+        return 0
     from training.checkpoint.checkpointer import fresh_start_conflict
 
     conflict = fresh_start_conflict(config)

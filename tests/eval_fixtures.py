@@ -125,7 +125,8 @@ def write_checkpoint(run_dir: Path, step: int, config, complete: bool = True, se
 
     from training.checkpoint import layout
     from training.config_loader import to_yaml
-    from training.model.context_cir import build_model, save_model_weights
+    from training.model.context_cir import build_model
+    from training.model.weights import save_model_weights
 
     torch.manual_seed(seed + step)
     path = layout.checkpoint_dir(run_dir, step)

@@ -13,9 +13,10 @@ import pytest
 import torch
 from test_engine import TINY, tiny_overrides
 
+from cluster.root_config import load_config
 from training.checkpoint import layout
-from training.checkpoint.checkpointer import TrainState, fresh_start_conflict, prune
-from training.config_loader import load_config
+from training.checkpoint.checkpointer import fresh_start_conflict, prune
+from training.trainer.state import TrainState
 
 
 def _fake_checkpoint(run_dir: Path, step: int, complete: bool) -> Path:
@@ -76,6 +77,65 @@ def test_train_entry_exits_2_instead_of_clobbering(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+class _Counter:
+    """A JSON piece for the checkpointer tests."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class _TextFile:
+    """A file piece: writes one file on rank 0 and reads it back."""
+
+    def __init__(self, text: str = "") -> None:
+        self.text = text
+
+    def save(self, directory: Path, rank: int) -> None:
+        if rank == 0:
+            (directory / "piece.txt").write_text(self.text)
+
+    def load(self, directory: Path) -> None:
+        self.text = (directory / "piece.txt").read_text()
+
+
+def test_checkpointer_saves_named_pieces_and_loads_each_back(tmp_path):
+    from training.checkpoint.checkpointer import Checkpointer
+
+    train, reader, text = TrainState(step=5, samples_seen=40), _Counter(11), _TextFile("weights")
+    saver = Checkpointer(tmp_path, keep=2, files={"file": text}, per_rank={"reader": reader}, per_run={"train": train})
+    path = saver.save(5)
+    assert layout.is_complete(path) and layout.latest_complete(tmp_path) == (5, path)
+    saved = json.loads((path / layout.TRAINER_STATE).read_text())
+    assert saved == {
+        "version": 1,
+        "world_size": 1,
+        "train": {"step": 5, "samples_seen": 40, "skipped_steps": 0, "consecutive_skips": 0},
+        "ranks": [{"reader": {"value": 11}}],
+    }  # the layout every earlier checkpoint has: they load back the same way
+
+    fresh = TrainState(), _Counter(), _TextFile()
+    loader = Checkpointer(
+        tmp_path, 2, files={"file": fresh[2]}, per_rank={"reader": fresh[1]}, per_run={"train": fresh[0]}
+    )
+    loader.load(path)
+    assert (fresh[0].step, fresh[0].samples_seen, fresh[1].value, fresh[2].text) == (5, 40, 11, "weights")
+
+    greedy = Checkpointer(tmp_path, 2, files={}, per_rank={"reader": _Counter(), "rng": _Counter()}, per_run={})
+    with pytest.raises(ValueError, match=r"lacks the piece\(s\) \['rng'\]"):
+        greedy.load(path)
+    with pytest.raises(ValueError, match="may not be named"):
+        Checkpointer(tmp_path, 2, files={}, per_rank={}, per_run={"ranks": _Counter()})
+    for step in (6, 7):
+        saver.save(step)
+    assert [step for step, _ in layout.complete_checkpoints(tmp_path)] == [6, 7]  # keep=2 pruned step 5
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("unpickled!",))
@@ -95,12 +155,11 @@ def test_engine_loader_never_unpickles_arbitrary_objects(tmp_path):
 
 def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     from shards.stream.reader import build_reader
-    from training.checkpoint.checkpointer import load_checkpoint, save_checkpoint
     from training.engine.deepspeed_engine import build_engine
-    from training.model.context_cir import load_model_weights
-    from training.objectives.context import ConTextObjective
+    from training.model.weights import load_model_weights
+    from training.objectives.context_cir import ConTextObjective
     from training.trainer.loop import train_step
-    from training.trainer.worker import seed_everything
+    from training.trainer.worker import build_checkpointer, seed_everything
 
     config = load_config(TINY, overrides)
     cpu = torch.device("cpu")
@@ -124,13 +183,14 @@ def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     objective, engine, reader = build()
     batches = iter(reader)
     before = steps(engine, batches, 2)
-    saved = save_checkpoint(engine, objective.model, reader, config, TrainState(step=2, samples_seen=32))
+    saved = build_checkpointer(config, engine, objective.model, reader, TrainState(step=2, samples_seen=32)).save(2)
     after = steps(engine, batches, 3)
     reader.close()
 
     objective, engine, reader = build()  # a fresh worker: new weights, reader at the start
     step, path = layout.latest_complete(config.run_dir)
-    state = load_checkpoint(engine, path, reader)
+    state = TrainState()
+    build_checkpointer(config, engine, objective.model, reader, state).load(path)
     weights_match = path == saved
     if rank == 0:  # model.safetensors holds exactly the weights the engine state restored
         probe = ConTextObjective(config.model, config.loss).model

@@ -8,8 +8,8 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.ray_setup import relative_path_problem
+from cluster.root_config import load_config
 from cluster.trainer import resolve_storage
-from training.config_loader import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.root_config import load_config
 from tests.cc_oracle import make_batch, reference_cc_loss
-from training.config_loader import LossConfig, ModelConfig, load_config
+from training.model.config import ModelConfig
 from training.model.context_cir import build_model
-from training.model.fusion import ConceptColumns, key_padding_mask
-from training.objectives.context import ConTextObjective
-from training.objectives.contrastive import concept_consistency_loss
+from training.model.fusion import ConceptColumns, TextKeys
+from training.objectives.concept_consistency import concept_consistency_loss
+from training.objectives.config import LossConfig
+from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
 from training.perf.step import step_benchmark
 
@@ -175,9 +177,9 @@ def test_torch_compile_matches_eager_mode():
 
     features = model.backbone.encode_image(batch["reference_image"])
     ids = batch["caption_ids"][:, :32]
-    states, valid = model.backbone.encode_text(ids), key_padding_mask(ids)
-    concepts = ConceptColumns.from_spans(batch["np_spans"], batch["np_mask"], 32)
-    head_inputs = (features.tokens, states, valid, concepts, 1)
+    keys = TextKeys.of(model.backbone.encode_text(ids), ids)
+    concepts = ConceptColumns.from_spans(batch["np_spans"], batch["np_mask"], 32, query_prefix=1)
+    head_inputs = (features.tokens, keys, concepts)
     tokens, maps = model.fusion(*head_inputs)
     compiled_tokens, compiled_maps = torch.compile(model.fusion)(*head_inputs)
     torch.testing.assert_close(compiled_tokens, tokens, atol=1e-5, rtol=1e-4)

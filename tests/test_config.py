@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config_loader import ConfigError, RootConfig, load_config, to_yaml
+from cluster.root_config import RootConfig, load_config
+from training.config_loader import ConfigError, to_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -22,7 +23,9 @@ ENTRY_SCRIPTS = ["train.py", "build_shards.py", "eval.py"]
 def test_every_shipped_config_loads(path: Path) -> None:
     config = load_config(path)
     assert isinstance(config, RootConfig)
-    assert config.train.global_batch == config.accumulation_steps * config.train.micro_batch * config.cluster.num_workers
+    assert (
+        config.train.global_batch == config.accumulation_steps * config.train.micro_batch * config.cluster.num_workers
+    )
     # The resolved form saved with checkpoints reloads to the same config.
     assert load_config_text(to_yaml(config)) == config
 
@@ -126,3 +129,41 @@ def test_entry_script_exits_2_fast_and_touches_nothing(tmp_path: Path, script: s
     assert key in result.stderr
     assert elapsed < 5.0, f"{script} took {elapsed:.1f}s to reject the config"
     assert _tree(sandbox) == [], f"{script} wrote {_tree(sandbox)}"
+
+
+@pytest.mark.parametrize("name", ["vith.yaml", "vith"])
+def test_a_bare_config_name_finds_the_shipped_config(tmp_path: Path, name: str) -> None:
+    """As users type it, from any working directory: `--config vith.yaml` and `--config vith`."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / "train.py"), "--config", name, "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{REPO_ROOT / 'configs' / 'vith.yaml'}: valid; 8 worker(s)" in result.stdout
+    assert "backbone: ViT-H-14" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_a_local_file_wins_over_a_shipped_name_and_a_missing_one_lists_the_configs(tmp_path: Path) -> None:
+    from cluster.cli import find_config
+
+    (tmp_path / "vith.yaml").write_text("train: {steps: 3}\n")
+    previous = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert find_config("vith.yaml") == Path("vith.yaml")
+        assert find_config("vitb") == REPO_ROOT / "configs" / "vitb.yaml"
+        with pytest.raises(ConfigError, match="shipped configs .*: tiny, vitb, vith, vitl"):
+            find_config("vitz")
+        with pytest.raises(ConfigError, match="not found: missing/vith.yaml"):
+            find_config("missing/vith.yaml")  # a path, not a bare name: never redirected
+    finally:
+        os.chdir(previous)
+
+
+def test_renamed_keys_name_their_new_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"eval.synthetic_root is now eval.datasets.synthetic.root"):
+        load_config(REPO_ROOT / "configs" / "tiny.yaml", ["eval.synthetic_root=data/synthetic"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config_loader import ConfigError, load_config
+from cluster.root_config import load_config
+from training.config_loader import ConfigError
 from training.engine.deepspeed_engine import deepspeed_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +93,10 @@ class _PoisonedReader:
 def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     from shards.stream.reader import build_reader
     from training.monitor.run_monitor import Monitor
-    from training.objectives.context import ConTextObjective
+    from training.objectives.context_cir import ConTextObjective
     from training.trainer.loop import LoopContext, NonFiniteAbort, run, train_step
-    from training.trainer.worker import seed_everything
+    from training.trainer.state import TrainState
+    from training.trainer.worker import build_checkpointer, seed_everything
 
     config = load_config(TINY, overrides)
     seed_everything(0)
@@ -124,7 +126,9 @@ def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     counters = [engine.global_steps, engine.micro_steps, engine.skipped_steps]
 
     monitor = Monitor(config, rank, 0, objective.model, cpu)
-    context = LoopContext(engine, objective.model, _PoisonedReader(reader, rank, 0), monitor, config, cpu)
+    poisoned_reader, state = _PoisonedReader(reader, rank, 0), TrainState()
+    checkpointer = build_checkpointer(config, engine, objective.model, poisoned_reader, state)
+    context = LoopContext(engine, poisoned_reader, monitor, checkpointer, config, cpu, state)
     try:
         run(context)
         abort = ""

@@ -13,9 +13,10 @@ import torch
 from eval_fixtures import write_checkpoint, write_circo, write_cirr_layout, write_fashioniq, write_synthetic
 from PIL import Image
 
+from cluster.root_config import load_config
 from shards.model_inputs import eval_transform, tokenizer
-from training.config_loader import load_config
 from training.evaluation.benchmarks.synthetic import read_synthetic
+from training.evaluation.methods import METHODS
 from training.evaluation.metrics import box_share
 from training.evaluation.scoring import EncodeSettings, score_split
 from training.evaluation.spans import phrase_span_finder
@@ -59,7 +60,7 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 def _overrides(tmp_path: Path, roots: dict[str, Path]) -> list[str]:
     return [
         f"cluster.storage_path={tmp_path / 'runs'}",
-        *(f"eval.{name}_root={root}" for name, root in roots.items()),
+        *(f"eval.datasets.{name}.root={root}" for name, root in roots.items()),
         "eval.splits=[val,test]",
         "eval.loader_workers=1",
         "eval.batch_size=16",
@@ -77,7 +78,7 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
     assert _eval_main()(["--config", TINY, "--checkpoint", str(latest), "--benchmarks", benchmarks, *overrides]) == 0
 
     result = json.loads((config.run_dir / "eval" / "step_00000100.json").read_text())
-    assert result["step"] == 100 and result["config"]["eval"]["synthetic_root"] == str(roots["synthetic"])
+    assert result["step"] == 100 and result["config"]["eval"]["datasets"]["synthetic"]["root"] == str(roots["synthetic"])
     assert result["checkpoint_config"]["model"]["backbone"] == "ContextTiny"
     for name, keys in EXPECTED_KEYS.items():
         entry = result["benchmarks"][name]
@@ -158,7 +159,13 @@ def test_grounding_score_is_the_in_box_share_of_concept_maps(tmp_path) -> None:
     model = build_model(config.model).eval()
     find_spans = phrase_span_finder("ContextTiny")
     settings = EncodeSettings(
-        eval_transform("ContextTiny"), tokenizer("ContextTiny"), torch.device("cpu"), 4, 0, find_spans=find_spans
+        {"model": METHODS.get("context")},
+        eval_transform("ContextTiny"),
+        tokenizer("ContextTiny"),
+        torch.device("cpu"),
+        4,
+        0,
+        find_spans=find_spans,
     )
     scores = score_split(model, split, settings)
     transform, tokenize = eval_transform("ContextTiny"), tokenizer("ContextTiny")
@@ -173,3 +180,16 @@ def test_grounding_score_is_the_in_box_share_of_concept_maps(tmp_path) -> None:
             shares.append(box_share(maps[0, 0].numpy(), query.phrases[0].box))
     assert scores.metrics["model"]["grounding"] == pytest.approx(float(np.mean(shares)), abs=1e-6)
     assert 0.0 < scores.metrics["model"]["grounding"] < 1.0
+
+
+def test_a_checkpoint_saved_with_older_eval_keys_still_loads(tmp_path) -> None:
+    """Eval reads only the `model` section of a checkpoint's config, so configs from before a section changed load."""
+    from training.checkpoint import layout
+    from training.evaluation.runner import load_checkpoint_model
+
+    config = load_config(TINY, [f"cluster.storage_path={tmp_path}"])
+    path = write_checkpoint(config.run_dir, 3, config)
+    saved = (path / layout.CONFIG).read_text().replace("eval:\n", "eval:\n  synthetic_root: data/synthetic\n", 1)
+    (path / layout.CONFIG).write_text(saved)
+    model, model_config = load_checkpoint_model(path, torch.device("cpu"))
+    assert model_config == config.model and not model.training

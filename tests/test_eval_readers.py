@@ -7,13 +7,13 @@ import json
 import pytest
 from eval_fixtures import write_circo, write_cirr_layout, write_fashioniq, write_synthetic
 
-from training.config_loader import EvalConfig
-from training.evaluation.benchmarks import BenchmarkError, scored_splits, submission_split, unset_roots
+from training.evaluation.benchmarks import BENCHMARKS, BenchmarkError
 from training.evaluation.benchmarks.circo import read_circo
 from training.evaluation.benchmarks.cirr import read_cirr
 from training.evaluation.benchmarks.fashioniq import read_fashioniq
 from training.evaluation.benchmarks.patterncir import read_patterncir
 from training.evaluation.benchmarks.synthetic import read_synthetic
+from training.evaluation.config import EvalConfig
 
 
 def test_cirr_val_and_test1(tmp_path) -> None:
@@ -62,7 +62,7 @@ def test_circo_val_and_test(tmp_path) -> None:
     assert val.image_paths["103"].name == "000000000103.jpg"
     test = read_circo(tmp_path, "test")
     assert not test.labelled and [query.query_id for query in test.queries] == ["0", "1"]
-    with pytest.raises(BenchmarkError, match="circo_template"):
+    with pytest.raises(BenchmarkError, match="eval.datasets.circo.template"):
         read_circo(tmp_path, "val", "{shared_concept} {color}")
 
 
@@ -121,17 +121,24 @@ def test_config_driven_splits(tmp_path) -> None:
     write_fashioniq(tmp_path / "fiq")
     config = EvalConfig(
         benchmarks=["cirr", "fashioniq"],
-        cirr_root=str(tmp_path / "cirr"),
-        fashioniq_root=str(tmp_path / "fiq"),
+        datasets={"cirr": {"root": str(tmp_path / "cirr")}, "fashioniq": {"root": str(tmp_path / "fiq")}},
         splits=["val", "test"],
     )
-    assert [split.name for split in scored_splits("fashioniq", config)] == [
+
+    def splits_of(name: str):
+        benchmark = BENCHMARKS.get(name)
+        return (
+            benchmark.scored_splits(config.dataset(name), config.splits),
+            benchmark.submission_split(config.dataset(name), config.splits),
+        )
+
+    assert [split.name for split in splits_of("fashioniq")[0]] == [
         "fashioniq/dress",
         "fashioniq/shirt",
         "fashioniq/toptee",
     ]
-    assert submission_split("cirr", config).split == "test1"
-    assert submission_split("fashioniq", config) is None
-    assert unset_roots(config, ["cirr", "circo", "synthetic"]) == ["eval.circo_root", "eval.synthetic_root"]
-    with pytest.raises(BenchmarkError, match="eval.circo_root"):
-        scored_splits("circo", config)
+    assert splits_of("cirr")[1].split == "test1"
+    assert splits_of("fashioniq")[1] is None
+    assert config.unset_roots(["cirr", "circo", "synthetic"]) == ["eval.datasets.circo.root", "eval.datasets.synthetic.root"]
+    with pytest.raises(BenchmarkError, match="eval.datasets.circo.root"):
+        splits_of("circo")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from eval_fixtures import write_checkpoint, write_synthetic
 
+from cluster.root_config import load_config
 from training.checkpoint import layout
-from training.config_loader import load_config
 from training.evaluation.runner import Evaluator, result_path
 from training.evaluation.watcher import CheckpointWatcher, WatchState
 
@@ -27,7 +27,7 @@ def config(tmp_path):
         REPO / "configs" / "tiny.yaml",
         [
             f"cluster.storage_path={tmp_path / 'runs'}",
-            f"eval.synthetic_root={tmp_path / 'synthetic'}",
+            f"eval.datasets.synthetic.root={tmp_path / 'synthetic'}",
             "eval.loader_workers=0",
             "eval.device=cpu",
             "eval.poll_seconds=0.05",

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.objectives.contrastive import ContrastiveLoss, concept_consistency_loss
+from training.objectives.concept_consistency import concept_consistency_loss
+from training.objectives.contrastive import ContrastiveLoss
 
 TAU = 0.07
 

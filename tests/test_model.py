@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from tests.cc_oracle import make_batch
-from training.config_loader import ModelConfig
-from training.model.context_cir import build_model, load_model_weights, save_model_weights
-from training.model.fusion import ConceptColumns, CrossAttentionBlock, FusionHead, key_padding_mask
+from training.model.config import ModelConfig
+from training.model.context_cir import build_model
+from training.model.fusion import ConceptColumns, CrossAttentionBlock, FusionHead, TextKeys, key_padding_mask
 from training.model.towers import PretrainedWeightsUnavailable, build_backbone
+from training.model.weights import load_model_weights, save_model_weights
 
 TINY = ModelConfig(backbone="ContextTiny", fusion_layers=2, fusion_heads=4)
 
@@ -70,11 +71,11 @@ def test_fusion_blocks_are_the_identity_at_init():
     tokens, text = torch.randn(2, 17, 32), torch.randn(2, 9, 24)
     valid = torch.ones(2, 9, dtype=torch.bool)
     for eager in (False, True):
-        fused, _ = head(tokens, text, valid, eager=eager)
+        fused, _ = head(tokens, TextKeys(text, valid), eager=eager)
         assert torch.equal(fused, tokens)
     # Not a block that ignores its input: one step of training moves it off the identity.
     block = head.blocks[0]
-    out, _ = block(tokens, text, valid)
+    out, _ = block(tokens, TextKeys(text, valid))
     out.square().sum().backward()
     assert block.out_proj.weight.grad.abs().sum() > 0
 
@@ -88,15 +89,16 @@ def _fusion_inputs(seed: int = 0):
     ids = torch.tensor([[49406, 5, 6, 7, 49407, 0, 0, 0], [49406, 9, 49407, 0, 0, 0, 0, 0]])
     spans = torch.tensor([[[1, 3], [2, 4]], [[1, 2], [0, 0]]])
     mask = torch.tensor([[True, True], [True, False]])
-    concepts = ConceptColumns.from_spans(spans, mask, ids.shape[1])
+    concepts = ConceptColumns.from_spans(spans, mask, ids.shape[1], query_prefix=1)
     return block, torch.randn(2, 5, 32), torch.randn(2, 8, 24), key_padding_mask(ids), concepts
 
 
 def test_fused_attention_equals_eager_and_pad_keys_get_zero_attention():
     block, tokens, text, valid, concepts = _fusion_inputs()
-    fused_tokens, fused_maps = block(tokens, text, valid, concepts, prefix=1)
-    plain_tokens, _ = block(tokens, text, valid)  # plain SDPA, no maps
-    eager_tokens, eager_maps = block(tokens, text, valid, concepts, prefix=1, eager=True)
+    keys = TextKeys(text, valid)
+    fused_tokens, fused_maps = block(tokens, keys, concepts)
+    plain_tokens, _ = block(tokens, keys)  # plain SDPA, no maps
+    eager_tokens, eager_maps = block(tokens, keys, concepts, eager=True)
     torch.testing.assert_close(fused_tokens, eager_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(plain_tokens, eager_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(fused_maps, eager_maps, atol=1e-5, rtol=0)
@@ -112,8 +114,8 @@ def test_fused_attention_equals_eager_and_pad_keys_get_zero_attention():
     noisy = text.clone()
     noisy[0, 5:] += 100 * torch.randn(3, 24)
     noisy[1, 3:] -= 50
-    for path in ({}, {"concepts": concepts, "prefix": 1}):
-        torch.testing.assert_close(block(tokens, noisy, valid, **path)[0], block(tokens, text, valid, **path)[0])
+    for path in ({}, {"concepts": concepts}):
+        torch.testing.assert_close(block(tokens, TextKeys(noisy, valid), **path)[0], block(tokens, keys, **path)[0])
     from training.model.fusion import attention_fused_with_lse
 
     _, lse = attention_fused_with_lse(query, key, key, valid)

@@ -9,10 +9,10 @@ import torch
 from shard_fixtures import write_shard_set
 from test_engine import TINY, tiny_overrides
 
-from training.checkpoint.checkpointer import TrainState
-from training.config_loader import load_config
+from cluster.root_config import load_config
 from training.monitor.run_monitor import Monitor, read_metrics
 from training.trainer.loop import StepResult
+from training.trainer.state import TrainState
 
 
 def _first_batch(config):

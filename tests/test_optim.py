@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from training.config_loader import OptimConfig
-from training.engine.optimizer import WarmupCosineRestarts, build_optimizer, build_scheduler, param_groups
+from training.engine.config import OptimConfig
+from training.engine.optimizer import build_optimizer, param_groups
+from training.engine.schedule import WarmupCosineRestarts, build_scheduler
 
 
 class _Tower(nn.Module):

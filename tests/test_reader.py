@@ -256,7 +256,7 @@ def test_batches_follow_the_contract(shard_set):
 
 @pytest.mark.timeout(60)
 def test_loader_benchmark_reports_throughput_per_core(shard_set):
-    from training.config_loader import load_config
+    from cluster.root_config import load_config
     from training.perf.loader import loader_benchmark
 
     config = load_config(

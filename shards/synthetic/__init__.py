@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shards.synthetic.layout import MARKER, prepare_root, write_annotations, write_images
+from shards.synthetic.cirr_files import MARKER, prepare_root, write_annotations, write_images
 from shards.synthetic.render import BACKGROUNDS, PALETTE, SHAPES
 from shards.synthetic.scenes import SceneSpec
 from shards.synthetic.sets import SplitContent, SplitPlan, build_split

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: its JSON config from `RootConfig`, and `deepspeed.initialize` with our optimizer and schedule.
+"""The DeepSpeed engine: its JSON config from the job config, and `deepspeed.initialize` with our optimizer and schedule.
 
 Precision, ZeRO, accumulation and clipping live here and in the config, never as branches in the loop.
 bf16 is DeepSpeed's `torch_autocast` mode: fp32 master weights, bf16 matmuls inside the forward, fp32 gradients
@@ -24,21 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config_loader import RootConfig
-from training.engine.optimizer import SkippableAdamW, build_optimizer, build_scheduler
+from training.engine.optimizer import SkippableAdamW, build_optimizer
+from training.engine.schedule import build_scheduler
+from training.job import JobConfig
 
 logger = logging.getLogger(__name__)
 
 _NEVER_PRINT = 2**62  # DeepSpeed's own periodic progress print; our monitor logs instead
 
 
-def uses_bf16(config: RootConfig) -> bool:
+def uses_bf16(config: JobConfig) -> bool:
     """bf16 autocast: `deepspeed.precision` bf16, or `auto` with GPUs."""
     precision = config.deepspeed.precision
-    return precision == "bf16" or (precision == "auto" and config.cluster.use_gpu)
+    return precision == "bf16" or (precision == "auto" and config.use_gpu)
 
 
-def deepspeed_config(config: RootConfig, world_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(config: JobConfig, world_size: int | None = None) -> dict[str, Any]:
     """DeepSpeed's JSON config for this run.
 
     Args:
@@ -48,14 +49,9 @@ def deepspeed_config(config: RootConfig, world_size: int | None = None) -> dict[
     Raises:
         ValueError: the global batch does not split into micro-batch x accumulation x world size.
     """
-    world_size = config.cluster.num_workers if world_size is None else world_size
+    world_size = config.world_size if world_size is None else world_size
     train, section = config.train, config.deepspeed
-    per_pass = train.micro_batch * world_size
-    if train.global_batch % per_pass:
-        raise ValueError(
-            f"train.global_batch={train.global_batch} is not divisible by train.micro_batch ({train.micro_batch}) "
-            f"x world size ({world_size})"
-        )
+    accumulation = train.accumulation_steps(world_size)
     zero: dict[str, Any] = {"stage": section.zero_stage}
     if section.zero_stage >= 1:
         zero |= {
@@ -64,11 +60,11 @@ def deepspeed_config(config: RootConfig, world_size: int | None = None) -> dict[
             "allgather_bucket_size": section.allgather_bucket_size,
         }
     if section.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.cluster.use_gpu}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.use_gpu}
     result: dict[str, Any] = {
         "train_batch_size": train.global_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,
-        "gradient_accumulation_steps": train.global_batch // per_pass,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": section.gradient_clipping,
         "zero_optimization": zero,
         # Our AdamW subclass is a plain torch AdamW to ZeRO; with offload we keep it instead of DeepSpeedCPUAdam.
@@ -123,7 +119,7 @@ def _scalars_as_vectors(module: nn.Module) -> Iterator[None]:
                 parameter.data = parameter.data.reshape(())
 
 
-def build_engine(module: nn.Module, config: RootConfig, world_size: int):
+def build_engine(module: nn.Module, config: JobConfig, world_size: int):
     """Wrap `module` (the objective) in a DeepSpeed engine with our AdamW and schedule.
 
     torch.distributed must already be initialised (Ray's TorchConfig, or the test harness): DeepSpeed reuses

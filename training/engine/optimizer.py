@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on weight matrices only, and the warmup + cosine-warm-restart schedule.
+"""AdamW with decoupled weight decay on weight matrices only (the schedule is `training.engine.schedule`).
 
 The optimizer can be told to skip a step (`SkippableAdamW.skipping`): the training loop uses this
 when a step's loss or gradients are non-finite on any rank, so that the parameters and the Adam moments stay
@@ -9,14 +9,12 @@ count a skipped step and hold the learning-rate schedule back.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from training.config_loader import OptimConfig
+from training.engine.config import OptimConfig
 
 _NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
 # Parameter names that are embeddings or learned seeds even when they are plain 2-D `nn.Parameter`s
@@ -96,30 +94,3 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> SkippableAdamW:
         eps=config.eps,
         weight_decay=config.weight_decay,
     )
-
-
-@dataclass
-class WarmupCosineRestarts:
-    """Learning-rate multiplier of optimizer step `step` (0-based): linear warmup, then cosine warm restarts.
-
-    Warmup rises linearly so that step `warmup_steps - 1` runs at the peak. Each cycle of `restart_every` steps
-    then falls from the peak to `min_ratio` x peak along a half cosine and restarts at the peak. A plain
-    dataclass, so `LambdaLR.state_dict()` stores its fields and the schedule resumes from a checkpoint.
-    """
-
-    warmup_steps: int
-    restart_every: int
-    min_ratio: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        position = (step - self.warmup_steps) % self.restart_every
-        cosine = 0.5 * (1.0 + math.cos(math.pi * position / self.restart_every))
-        return self.min_ratio + (1.0 - self.min_ratio) * cosine
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """`LambdaLR` with `WarmupCosineRestarts` between `config.lr` and `config.min_lr`; stepped once per applied step."""
-    multiplier = WarmupCosineRestarts(config.warmup_steps, config.restart_every, config.min_lr / config.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

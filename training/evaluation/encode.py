@@ -1,4 +1,5 @@
-"""Batched encoding of galleries and queries: DataLoader workers decode images, bf16 autocast on CUDA, tqdm.
+"""Batched encoding of galleries and queries for every method at once: DataLoader workers decode images, bf16
+autocast on CUDA, tqdm. Methods share each batch's tower passes (`training.evaluation.methods.base`).
 
 Every embedding comes back as float32 on the CPU, L2-normalised again after autocast so that bf16 rounding never
 tilts a ranking.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training.evaluation.benchmarks.base import BenchmarkSplit, GroundedPhrase
+from training.evaluation.methods.base import GalleryBatch, Method, QueryBatch
 from training.evaluation.metrics import box_share
 
 logger = logging.getLogger(__name__)
 
-ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 SpanFinder = Callable[[str, Sequence[GroundedPhrase]], list[tuple[int, int] | None]]
 """(caption, phrases) -> each phrase's [start, end) token span in the caption ids, None when truncated away."""
 
@@ -82,33 +83,42 @@ def _image_batches(
         start += pixels.shape[0]
 
 
+def _normalised(embeddings: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeddings.float(), dim=-1).cpu()
+
+
 @torch.no_grad()
-def encode_images(
+def encode_gallery(
+    model: torch.nn.Module,
+    methods: Mapping[str, Method],
     paths: Sequence[Path],
-    encoders: dict[str, ImageEncoder],
     transform,
     device: torch.device,
     batch_size: int = 128,
     workers: int = 2,
     desc: str = "images",
 ) -> dict[str, torch.Tensor]:
-    """Run every encoder over the images in one decoding pass.
+    """Encode the gallery once per distinct gallery space of `methods`, in one decoding pass.
 
     Args:
+        model: the loaded network the methods read, in eval mode on `device`.
+        methods: the methods to be scored (result name -> method).
         paths: image files, in gallery order.
-        encoders: name -> function of a (B, 3, H, W) batch on `device` returning (B, D).
         transform: the backbone's eval transform.
 
     Returns:
-        name -> (len(paths), D) float32 CPU tensor, L2-normalised.
+        gallery space -> (len(paths), D) float32 CPU tensor, L2-normalised.
     """
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    encoders: dict[str, Method] = {}
+    for method in methods.values():
+        encoders.setdefault(method.gallery_space(model), method)
+    outputs: dict[str, list[torch.Tensor]] = {space: [] for space in encoders}
     for _, pixels, _ in _image_batches(paths, transform, batch_size, workers, desc, device):
-        pixels = pixels.to(device, non_blocking=True)
+        batch = GalleryBatch(model, pixels.to(device, non_blocking=True))
         with autocast(device):
-            for name, encoder in encoders.items():
-                outputs[name].append(F.normalize(encoder(pixels).float(), dim=-1).cpu())
-    return {name: torch.cat(chunks) if chunks else torch.zeros(0) for name, chunks in outputs.items()}
+            for space, method in encoders.items():
+                outputs[space].append(_normalised(method.encode_gallery(batch)))
+    return {space: torch.cat(chunks) if chunks else torch.zeros(0) for space, chunks in outputs.items()}
 
 
 def box_in_crop(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -129,12 +139,8 @@ def box_in_crop(box: Sequence[float], width: int, height: int) -> tuple[float, f
 class QueryEncodings:
     """What one pass over a benchmark's queries produces."""
 
-    query: torch.Tensor
-    """(Q, D) the model's composed-query embeddings."""
-    image: torch.Tensor
-    """(Q, D) CLIP image embeddings of the references (image-only baseline)."""
-    text: torch.Tensor
-    """(Q, D) CLIP text embeddings of the query texts (text-only baseline)."""
+    embeddings: dict[str, torch.Tensor]
+    """Result name of each method -> (Q, D) its query embeddings, L2-normalised."""
     grounding: list[float] = field(default_factory=list)
     """Per grounded phrase, the share of its in-context attention inside its object's box."""
     phrases_dropped: int = 0
@@ -144,6 +150,7 @@ class QueryEncodings:
 @torch.no_grad()
 def encode_queries(
     model: torch.nn.Module,
+    methods: Mapping[str, Method],
     benchmark: BenchmarkSplit,
     transform,
     tokenize: Callable[[list[str]], torch.Tensor],
@@ -152,10 +159,11 @@ def encode_queries(
     workers: int = 2,
     find_spans: SpanFinder | None = None,
 ) -> QueryEncodings:
-    """Encode every query with the model and with both CLIP towers; score grounding when the protocol asks.
+    """Encode every query with every method; score the model's grounding when the protocol asks.
 
     Args:
         model: a ConTextCIR in eval mode on `device`.
+        methods: result name -> method.
         benchmark: the split whose queries to encode.
         tokenize: the backbone's tokenizer (list of texts -> (B, 77) int64).
         find_spans: token spans of grounded phrases; required when `benchmark.protocol.grounding`.
@@ -167,22 +175,21 @@ def encode_queries(
         if find_spans is None:
             raise ValueError(f"{benchmark.name} scores grounding but no span finder was given")
         spans = [find_spans(query.text, query.phrases) if query.phrases else [] for query in queries]
-    result = QueryEncodings(query=torch.zeros(0), image=torch.zeros(0), text=torch.zeros(0))
-    composed, images, texts = [], [], []
+    result = QueryEncodings(embeddings={})
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
     reference_paths = [benchmark.image_paths[query.reference] for query in queries]
     batches = _image_batches(reference_paths, transform, batch_size, workers, f"{benchmark.name} queries", device)
     for start, pixels, sizes in batches:
         stop = start + pixels.shape[0]
         pixels = pixels.to(device, non_blocking=True)
         ids = caption_ids[start:stop].to(device, non_blocking=True)
+        batch = QueryBatch(model, pixels, ids)
         with autocast(device):
-            views = model.encode_query_views(pixels, ids)  # one pass of each tower for the query and baselines
-            composed.append(F.normalize(views["fused/query"].float(), dim=-1).cpu())
-            images.append(F.normalize(views["img/reference"].float(), dim=-1).cpu())
-            texts.append(F.normalize(views["txt/caption"].float(), dim=-1).cpu())
+            for name, method in methods.items():
+                chunks[name].append(_normalised(method.encode_query(batch)))
             if spans:
                 _score_grounding(model, queries[start:stop], spans[start:stop], pixels, ids, sizes, result)
-    result.query, result.image, result.text = torch.cat(composed), torch.cat(images), torch.cat(texts)
+    result.embeddings = {name: torch.cat(parts) for name, parts in chunks.items()}
     return result
 
 

@@ -19,20 +19,24 @@ from typing import Any
 
 import torch
 
-from shards import model_inputs as backbones
+from shards import model_inputs
 from training.checkpoint import layout
-from training.config_loader import RootConfig, load_saved_config, to_container
-from training.evaluation.benchmarks import BenchmarkSplit, scored_splits, submission_split
+from training.config_loader import ConfigError, load_section, read_container, to_container
+from training.evaluation.benchmarks import BENCHMARKS, BenchmarkSplit
 from training.evaluation.encode import resolve_device
-from training.evaluation.scoring import BASELINES, MODEL, EncodeSettings, SplitScores, combine_parts, score_split
+from training.evaluation.methods import METHODS
+from training.evaluation.scoring import MODEL, EncodeSettings, SplitScores, combine_parts, score_split
 from training.evaluation.spans import phrase_span_finder
-from training.evaluation.submissions import write_circo_submission, write_cirr_submissions
+from training.job import JobConfig
+from training.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
 BEST = "best.json"
 TENSORBOARD = "tensorboard"
+CHECKPOINT_METHOD = "context"
+"""The method a ConText-CIR checkpoint is scored as (its results are `metrics`; the baselines sit beside it)."""
 
 
 class CheckpointError(ValueError):
@@ -74,32 +78,42 @@ def run_dir_of(checkpoint: Path, fallback: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == layout.CHECKPOINTS else fallback
 
 
-def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, RootConfig]:
-    """Build the model from the checkpoint's saved config and load `model.safetensors` (no pickle anywhere)."""
-    from training.model.context_cir import build_model, load_model_weights
+def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the model from the `model` section of the checkpoint's saved config and load `model.safetensors`.
+
+    Nothing is unpickled. Only the `model` section is read, so checkpoints written before other sections changed
+    still evaluate.
+    """
+    from training.model.context_cir import build_model
+    from training.model.weights import load_model_weights
 
     config_file, weights_file = checkpoint / layout.CONFIG, checkpoint / layout.WEIGHTS
     for needed in (config_file, weights_file):
         if not needed.is_file():
             raise CheckpointError(f"checkpoint file missing: {needed}")
-    saved = load_saved_config(config_file)
+    try:
+        saved = load_section(config_file, "model", ModelConfig)
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint config unusable: {error}") from error
     # The weights file holds every parameter, so nothing may be fetched or initialised from elsewhere.
     model_config = dataclasses.replace(
-        saved.model, pretrained=None, weights_file=None, init_from=None, compile=False, grad_checkpointing=False
+        saved, pretrained=None, weights_file=None, init_from=None, compile=False, grad_checkpointing=False
     )
     model = build_model(model_config)
     load_model_weights(model, weights_file)
     return model.to(device).eval(), saved
 
 
-def _benchmark_entry(split: BenchmarkSplit | list[BenchmarkSplit], scores: SplitScores) -> dict[str, Any]:
+def _benchmark_entry(
+    split: BenchmarkSplit | list[BenchmarkSplit], scores: SplitScores, baselines: list[str]
+) -> dict[str, Any]:
     splits = split if isinstance(split, list) else [split]
     versions = {part.name.split("/")[-1]: part.version for part in splits}
     return {
         "split": splits[0].split,
         "version": versions if len(splits) > 1 else splits[0].version,
         "metrics": scores.metrics.get(MODEL, {}),
-        "baselines": {name: scores.metrics.get(name, {}) for name in BASELINES},
+        "baselines": {name: scores.metrics.get(name, {}) for name in baselines},
         "details": scores.details,
         "predictions": scores.predictions,
     }
@@ -108,16 +122,23 @@ def _benchmark_entry(split: BenchmarkSplit | list[BenchmarkSplit], scores: Split
 class Evaluator:
     """Scores checkpoints of one run on the configured benchmarks; benchmark files are read once and reused."""
 
-    def __init__(self, config: RootConfig, benchmarks: list[str] | None = None) -> None:
+    def __init__(self, config: JobConfig, benchmarks: list[str] | None = None) -> None:
         self.config = config
         self.benchmarks = list(benchmarks if benchmarks is not None else config.eval.benchmarks)
         self.device = resolve_device(config.eval.device)
+        self.methods = {MODEL: METHODS.get(CHECKPOINT_METHOD)} | {
+            name: METHODS.get(name) for name in config.eval.baselines
+        }
         self._splits: dict[str, tuple[list[BenchmarkSplit], BenchmarkSplit | None]] = {}
 
     def splits(self, name: str) -> tuple[list[BenchmarkSplit], BenchmarkSplit | None]:
         """(scored splits, submission split) of a benchmark, read on first use."""
         if name not in self._splits:
-            self._splits[name] = (scored_splits(name, self.config.eval), submission_split(name, self.config.eval))
+            benchmark, settings, splits = BENCHMARKS.get(name), self.config.eval.dataset(name), self.config.eval.splits
+            self._splits[name] = (
+                benchmark.scored_splits(settings, splits),
+                benchmark.submission_split(settings, splits),
+            )
         return self._splits[name]
 
     def load_benchmarks(self) -> None:
@@ -136,16 +157,15 @@ class Evaluator:
         self.load_benchmarks()
         started = time.time()
         model, saved = load_checkpoint_model(checkpoint_dir, self.device)
-        backbone = saved.model.backbone
         settings = EncodeSettings(
-            transform=backbones.eval_transform(backbone),
-            tokenize=backbones.tokenizer(backbone),
+            methods=self.methods,
+            transform=model_inputs.eval_transform(saved.backbone),
+            tokenize=model_inputs.tokenizer(saved.backbone),
             device=self.device,
             batch_size=self.config.eval.batch_size,
             workers=self.config.eval.loader_workers,
             top_k=self.config.eval.top_k,
-            find_spans=phrase_span_finder(backbone),
-            gallery_is_clip=saved.model.target_encoding == "clip",
+            find_spans=phrase_span_finder(saved.backbone),
         )
         result: dict[str, Any] = {
             "step": step,
@@ -158,14 +178,19 @@ class Evaluator:
             scored, unlabelled = self.splits(name)
             if scored:
                 parts = {split.name.split("/")[-1]: score_split(model, split, settings) for split in scored}
-                entry = _benchmark_entry(scored if len(scored) > 1 else scored[0], combine_parts(parts))
+                entry = _benchmark_entry(
+                    scored if len(scored) > 1 else scored[0], combine_parts(parts), self.config.eval.baselines
+                )
                 result["benchmarks"][name] = entry
             if unlabelled is not None:
                 out_dir = run_dir / EVAL_DIR / "submissions" / layout.checkpoint_tag(step)
-                result["submissions"][name] = [str(path) for path in self._submit(model, unlabelled, settings, out_dir)]
+                scores = score_split(model, unlabelled, settings)
+                write = BENCHMARKS.get(name).write_submission
+                written = write(out_dir, unlabelled, scores.predictions, scores.subset_predictions)
+                result["submissions"][name] = [str(path) for path in written]
         result["seconds"] = round(time.time() - started, 2)
         result["config"] = to_container(self.config)
-        result["checkpoint_config"] = to_container(saved)
+        result["checkpoint_config"] = read_container(checkpoint_dir / layout.CONFIG)
         del model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -173,15 +198,6 @@ class Evaluator:
         log_tensorboard(run_dir, step, result)
         update_best(run_dir, step, result, self.config.eval.select_metric)
         return result
-
-    @staticmethod
-    def _submit(model, split: BenchmarkSplit, settings: EncodeSettings, out_dir: Path) -> list[Path]:
-        scores = score_split(model, split, settings)
-        if split.name == "cirr":
-            pairs = {query.query_id: (query.reference, query.subset) for query in split.queries}
-            return write_cirr_submissions(out_dir, scores.predictions, scores.subset_predictions, pairs, split.gallery)
-        query_ids = [query.query_id for query in split.queries]
-        return [write_circo_submission(out_dir, scores.predictions, query_ids, split.gallery)]
 
 
 def write_result(run_dir: Path, step: int, result: dict[str, Any]) -> Path:
@@ -246,8 +262,9 @@ def update_best(run_dir: Path, step: int, result: dict[str, Any], select_metric:
 def format_table(result: dict[str, Any]) -> str:
     """A readable table per benchmark: the model beside the three baselines, in percent."""
     lines = [f"checkpoint step {result['step']} ({result['checkpoint']})"]
-    columns = (MODEL, *BASELINES)
     for name, entry in result["benchmarks"].items():
+        baselines = list(entry["baselines"])
+        columns = (MODEL, *baselines)
         version = entry["version"]
         parts = [version] if "queries" in version else [part for part in version.values() if isinstance(part, dict)]
         queries, gallery = (sum(int(part.get(key, 0)) for part in parts) for key in ("queries", "gallery"))
@@ -256,7 +273,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name} [{entry['split']}] {counts}".rstrip())
         lines.append(f"  {'metric':<22}" + "".join(f"{column:>16}" for column in columns))
         for metric, value in entry["metrics"].items():
-            cells = [value] + [entry["baselines"][baseline].get(metric) for baseline in BASELINES]
+            cells = [value] + [entry["baselines"][baseline].get(metric) for baseline in baselines]
             lines.append(f"  {metric:<22}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>16}" for c in cells))
     for name, paths in result.get("submissions", {}).items():
         lines.append(f"{name} submission file(s): {', '.join(paths)}")

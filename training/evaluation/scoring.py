@@ -1,8 +1,7 @@
-"""Score one benchmark split: encode, rank for the model and the three baselines, apply the split's protocol.
+"""Score one benchmark split: encode, rank for the checkpoint's method and its baselines, apply the protocol.
 
-Baselines come from the same backbone without the fusion head: `image_only` (reference CLIP image embedding vs
-gallery), `text_only` (CLIP text embedding of the query text vs gallery), `image_text_sum` (normalised sum of the
-two). Their gallery is the CLIP image embedding; the model's is `encode_gallery`.
+Each method is a registered `training.evaluation.methods` plug-in; results name the checkpoint's own method
+`model` and every baseline by its registered name.
 """
 
 from __future__ import annotations
@@ -14,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from training.evaluation.benchmarks.base import BenchmarkSplit
-from training.evaluation.encode import SpanFinder, encode_images, encode_queries
+from training.evaluation.encode import SpanFinder, encode_gallery, encode_queries
+from training.evaluation.methods.base import Method
 from training.evaluation.metrics import (
     NO_INDEX,
     map_at_k,
@@ -30,13 +29,15 @@ from training.evaluation.metrics import (
 logger = logging.getLogger(__name__)
 
 MODEL = "model"
-BASELINES = ("image_only", "text_only", "image_text_sum")
+"""The result name of the checkpoint's own method (its metrics are `metrics`, the others `baselines`)."""
 
 
 @dataclass
 class EncodeSettings:
-    """How to run the encoders: the backbone's transform and tokenizer, device, batch, workers."""
+    """What to score and how to run the encoders: methods, the backbone's transform and tokenizer, device, batch."""
 
+    methods: dict[str, Method]
+    """Result name -> method: `model` (the checkpoint's method) first, then the baselines."""
     transform: Callable
     tokenize: Callable[[list[str]], torch.Tensor]
     device: torch.device
@@ -44,8 +45,6 @@ class EncodeSettings:
     workers: int = 2
     top_k: int = 50
     find_spans: SpanFinder | None = None
-    gallery_is_clip: bool = False
-    """True when the model's gallery encoding is CLIP's image embedding, so one image pass serves both."""
 
 
 @dataclass
@@ -70,21 +69,19 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
     protocol = split.protocol
     index_of = split.gallery_index()
     gallery_paths = [split.image_paths[name] for name in split.gallery]
-    encoders = {"clip": model.encode_image_clip}
-    if not settings.gallery_is_clip:
-        encoders["gallery"] = model.encode_gallery
-    gallery = encode_images(
+    gallery = encode_gallery(
+        model,
+        settings.methods,
         gallery_paths,
-        encoders,
         settings.transform,
         settings.device,
         settings.batch_size,
         settings.workers,
         desc=f"{split.name} gallery",
     )
-    gallery.setdefault("gallery", gallery["clip"])
     queries = encode_queries(
         model,
+        settings.methods,
         split,
         settings.transform,
         settings.tokenize,
@@ -94,10 +91,8 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
         settings.find_spans,
     )
     pairs = {
-        MODEL: (queries.query, gallery["gallery"]),
-        "image_only": (queries.image, gallery["clip"]),
-        "text_only": (queries.text, gallery["clip"]),
-        "image_text_sum": (F.normalize(queries.image + queries.text, dim=-1), gallery["clip"]),
+        name: (queries.embeddings[name], gallery[method.gallery_space(model)])
+        for name, method in settings.methods.items()
     }
     references = np.array([index_of.get(query.reference, NO_INDEX) for query in split.queries], dtype=np.int64)
     exclude = references if protocol.remove_reference else None

@@ -14,19 +14,17 @@ NPs' own short length, and stops at the last block's attention weights.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shards.model_inputs import tokenizer
-from training.config_loader import ModelConfig
+from training.model.config import ModelConfig
 from training.model.fusion import (
     ConceptColumns,
     FusionHead,
+    TextKeys,
     attention_eager,
-    key_padding_mask,
     merge_heads,
     split_heads,
     trim_padding,
@@ -89,38 +87,36 @@ class ConTextCIR(nn.Module):
 
     # --- pieces -----------------------------------------------------------------------------------------------
 
-    def _text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(trimmed ids, token states, key mask); trimming trailing PAD is exact (causal tower, masked keys)."""
+    def _text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, TextKeys]:
+        """(trimmed ids, their keys for the fusion); trimming trailing PAD is exact (causal tower, masked keys)."""
         ids = trim_padding(caption_ids) if self.trim_text else caption_ids
-        return ids, self.backbone.encode_text(ids), key_padding_mask(ids)
+        return ids, TextKeys.of(self.backbone.encode_text(ids), ids)
+
+    def _concepts(self, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int) -> ConceptColumns:
+        """In-context NP columns; the maps leave out the image tokens before the patch grid."""
+        return ConceptColumns.from_spans(np_spans, np_mask, key_length, self.backbone.image_prefix_tokens)
 
     def _query(
-        self,
-        image_tokens: torch.Tensor,
-        text_states: torch.Tensor,
-        key_valid: torch.Tensor,
-        concepts: ConceptColumns | None = None,
+        self, image_tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised query embedding (B, D) and, with `concepts`, in-context NP maps (B, N, patches)."""
-        prefix = self.backbone.image_prefix_tokens
-        fused, maps = self.fusion(image_tokens, text_states, key_valid, concepts, prefix, self.eager)
+        fused, maps = self.fusion(image_tokens, keys, concepts, self.eager)
         query = self.query_projection(self.pooler(fused, self.eager))
         return F.normalize(query, dim=-1), maps
 
-    def _gallery(self, features: ImageFeatures) -> torch.Tensor:
-        """Normalised gallery embedding of images already through the image tower."""
+    def gallery_embedding(self, features: ImageFeatures) -> torch.Tensor:
+        """Normalised gallery embedding (per `model.target_encoding`) of images already through the image tower."""
         if self.target_encoding == "clip":
             return F.normalize(features.embedding, dim=-1)
-        ids, states, valid = self._text(self.empty_caption_ids)
-        batch = features.tokens.shape[0]
-        return self._query(features.tokens, states.expand(batch, -1, -1), valid.expand(batch, -1))[0]
+        _, keys = self._text(self.empty_caption_ids)
+        return self._query(features.tokens, keys.expand(features.tokens.shape[0]))[0]
 
     # --- the public encoders ----------------------------------------------------------------------------------
 
     def encode_query(self, reference_image: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised composed-query embedding f(reference_image, caption)."""
-        _, states, valid = self._text(caption_ids)
-        return self._query(self.backbone.encode_image(reference_image).tokens, states, valid)[0]
+        _, keys = self._text(caption_ids)
+        return self._query(self.backbone.encode_image(reference_image).tokens, keys)[0]
 
     def encode_query_views(self, reference_image: torch.Tensor, caption_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The composed query and both single-modality baselines from one pass of each tower.
@@ -129,17 +125,17 @@ class ConTextCIR(nn.Module):
         `txt/caption` (= encode_text_clip of the caption), each (B, D) and L2-normalised. The eval job needs all
         three per query batch; calling the three encoders would run the image and text towers twice each.
         """
-        ids, states, valid = self._text(caption_ids)
+        ids, keys = self._text(caption_ids)
         image = self.backbone.encode_image(reference_image)
         return {
-            "fused/query": self._query(image.tokens, states, valid)[0],
+            "fused/query": self._query(image.tokens, keys)[0],
             "img/reference": F.normalize(image.embedding, dim=-1),
-            "txt/caption": F.normalize(self.backbone.text_embedding(states, ids), dim=-1),
+            "txt/caption": F.normalize(self.backbone.text_embedding(keys.states, ids), dim=-1),
         }
 
     def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised gallery/target embedding, per `model.target_encoding`."""
-        return self._gallery(self.backbone.encode_image(images))
+        return self.gallery_embedding(self.backbone.encode_image(images))
 
     def encode_image_clip(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) normalised CLIP image embedding (the image-only baseline)."""
@@ -154,11 +150,9 @@ class ConTextCIR(nn.Module):
         self, reference_image: torch.Tensor, caption_ids: torch.Tensor, np_spans: torch.Tensor, np_mask: torch.Tensor
     ) -> torch.Tensor:
         """(B, N, gh, gw) in-context NP maps over the patch grid (CLS excluded), averaged over tokens/heads/layers."""
-        ids, states, valid = self._text(caption_ids)
+        ids, keys = self._text(caption_ids)
         tokens = self.backbone.encode_image(reference_image).tokens
-        concepts = ConceptColumns.from_spans(np_spans, np_mask, ids.shape[1])
-        prefix = self.backbone.image_prefix_tokens
-        maps = self.fusion.concept_maps(tokens, states, valid, concepts, prefix, self.eager)
+        maps = self.fusion.concept_maps(tokens, keys, self._concepts(np_spans, np_mask, ids.shape[1]), self.eager)
         return maps.reshape(*maps.shape[:2], *self.patch_grid)
 
     @torch.no_grad()
@@ -177,17 +171,14 @@ class ConTextCIR(nn.Module):
         if not rows.numel():
             return maps.reshape(batch, count, patches)
         ids = trim_padding(np_ids.reshape(batch * count, -1)[rows])
-        states, valid = self.backbone.encode_text(ids), key_padding_mask(ids)
-        concepts = ConceptColumns.isolated(ids)
+        keys = TextKeys.of(self.backbone.encode_text(ids), ids)
+        concepts = ConceptColumns.isolated(ids)  # queries are patch tokens only: no prefix rows
         images = torch.div(rows, count, rounding_mode="floor")
         # Chunks of NPs keep the fusion activations of one chunk in cache (CPU) or bounded in memory (GPU).
         step = max(1, ISOLATED_CHUNK_TOKENS[patch_tokens.device.type == "cuda"] // patches)
         for start in range(0, rows.numel(), step):
             chunk = slice(start, start + step)
-            chunk_concepts = ConceptColumns(concepts.columns[chunk], concepts.weights[chunk])
-            isolated = self.fusion.concept_maps(
-                patch_tokens[images[chunk]], states[chunk], valid[chunk], chunk_concepts, 0, self.eager
-            )
+            isolated = self.fusion.concept_maps(patch_tokens[images[chunk]], keys[chunk], concepts[chunk], self.eager)
             maps[rows[chunk]] = isolated[:, 0].float()
         return maps.reshape(batch, count, patches)
 
@@ -206,11 +197,11 @@ class ConTextCIR(nn.Module):
         images = self.backbone.encode_image(torch.cat([reference_image, target_image]))
         reference = ImageFeatures(images.tokens[:batch], images.embedding[:batch])
         target = ImageFeatures(images.tokens[batch:], images.embedding[batch:])
-        ids, states, valid = self._text(caption_ids)
+        ids, keys = self._text(caption_ids)
         with_maps = np_spans is not None and np_mask is not None and np_mask.shape[1] > 0
-        concepts = ConceptColumns.from_spans(np_spans, np_mask, ids.shape[1]) if with_maps else None
-        query, maps = self._query(reference.tokens, states, valid, concepts)
-        outputs = {"fused/query": query, "img/target": self._gallery(target), "img/reference": self._gallery(reference)}
+        concepts = self._concepts(np_spans, np_mask, ids.shape[1]) if with_maps else None
+        query, maps = self._query(reference.tokens, keys, concepts)
+        outputs = {"fused/query": query, "img/target": self.gallery_embedding(target), "img/reference": self.gallery_embedding(reference)}
         if with_maps:
             outputs["fused/np_maps"] = maps
         if with_maps and np_ids is not None:
@@ -222,7 +213,7 @@ class ConTextCIR(nn.Module):
 def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> ConTextCIR:
     """The ConText-CIR network for `config`: random init, an open_clip pretrained tag, or `model.weights_file`.
 
-    `model.init_from` (a full ConText-CIR checkpoint) is not read here; `load_model_weights` does that.
+    `model.init_from` (a full ConText-CIR checkpoint) is not read here; `training.model.weights` does that.
 
     Raises:
         ValueError: unknown backbone or tag, a weights file that does not fit, an incompatible tower.
@@ -236,36 +227,3 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> ConT
     if config.compile:
         model.compile()  # compiles `forward` in place; parameter names (and checkpoints) stay unchanged
     return model
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)  # a `torch.compile(model)` wrapper
-
-
-def save_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Write every parameter and persistent buffer of `model` to a safetensors file."""
-    from safetensors.torch import save_file
-
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in _unwrapped(model).state_dict().items()}
-    save_file(state, str(path))
-
-
-def load_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a `save_model_weights` file into `model` strictly; errors name the file and the mismatching keys."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model weights not found: {path}")
-    target = _unwrapped(model)
-    state = load_file(str(path), device="cpu")
-    expected = target.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(name for name in set(state) & set(expected) if state[name].shape != expected[name].shape)
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"{path} does not fit this model (is model.backbone / fusion_layers the same?): missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
-        )
-    target.load_state_dict(state, strict=True)

@@ -44,17 +44,38 @@ def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, : max(1, longest)]
 
 
-def pad_keys(text_states: torch.Tensor, key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text states and key mask padded with masked keys up to a multiple of `KEY_LENGTH_MULTIPLE`."""
-    extra = (-text_states.shape[1]) % KEY_LENGTH_MULTIPLE
-    if not extra:
-        return text_states, key_valid
-    return F.pad(text_states, (0, 0, 0, extra)), F.pad(key_valid, (0, extra), value=False)
+@dataclass
+class TextKeys:
+    """The caption side of cross-attention: the text tower's token states and which of them are real keys."""
+
+    states: torch.Tensor
+    """(B, T, text_width) token states."""
+    valid: torch.Tensor
+    """(B, T) True for real tokens; PAD keys are masked in every attention path."""
+
+    @classmethod
+    def of(cls, states: torch.Tensor, ids: torch.Tensor) -> TextKeys:
+        """The keys of texts `ids` (B, T) whose states the text tower returned."""
+        return cls(states, key_padding_mask(ids))
+
+    def padded(self) -> TextKeys:
+        """Padded with masked keys up to a multiple of `KEY_LENGTH_MULTIPLE`."""
+        extra = (-self.states.shape[1]) % KEY_LENGTH_MULTIPLE
+        if not extra:
+            return self
+        return TextKeys(F.pad(self.states, (0, 0, 0, extra)), F.pad(self.valid, (0, extra), value=False))
+
+    def __getitem__(self, rows) -> TextKeys:
+        return TextKeys(self.states[rows], self.valid[rows])
+
+    def expand(self, batch: int) -> TextKeys:
+        """One text's keys repeated for `batch` queries (a view, no copy)."""
+        return TextKeys(self.states.expand(batch, -1, -1), self.valid.expand(batch, -1))
 
 
 @dataclass
 class ConceptColumns:
-    """The key columns the concept maps read, and how they average into one map per noun phrase.
+    """Which attention entries form the concept maps: key columns, their averaging weights, and the query rows.
 
     Only the union of NP token positions of each text is kept (`columns`), so the probabilities computed are
     (B, H, patches, C) with C the most NP tokens any text of the batch has, never the full key length.
@@ -64,9 +85,13 @@ class ConceptColumns:
     """(B, C) key positions; padding entries point at position 0 with zero weight."""
     weights: torch.Tensor
     """(B, N, C) float: 1/len(span) on the columns of NP n's span, 0 elsewhere (and for masked NPs)."""
+    query_prefix: int = 0
+    """Query rows before the patch grid (the CLS token), left out of the maps."""
 
     @classmethod
-    def from_spans(cls, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int) -> ConceptColumns:
+    def from_spans(
+        cls, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int, query_prefix: int = 0
+    ) -> ConceptColumns:
         """Columns of `np_spans` (B, N, 2) `[start, end)` in texts of `key_length` keys; `np_mask` (B, N)."""
         batch, count = np_mask.shape
         device = np_spans.device
@@ -87,15 +112,18 @@ class ConceptColumns:
         selected = torch.gather(inside, 2, columns[:, None, :].expand(batch, count, width)) & real[:, None, :]
         lengths = (ends - starts).clamp(min=1).to(torch.float32)
         weights = selected.to(torch.float32) / lengths[..., None]
-        return cls(columns=columns, weights=weights)
+        return cls(columns=columns, weights=weights, query_prefix=query_prefix)
+
+    def __getitem__(self, rows) -> ConceptColumns:
+        return ConceptColumns(self.columns[rows], self.weights[rows], self.query_prefix)
 
     @classmethod
-    def isolated(cls, np_ids: torch.Tensor) -> ConceptColumns:
+    def isolated(cls, np_ids: torch.Tensor, query_prefix: int = 0) -> ConceptColumns:
         """Columns of NPs encoded alone, one per row of `np_ids` (M, L): every token between SOT and EOT."""
         eot = key_padding_mask(np_ids).sum(dim=1) - 1  # last real position
         spans = torch.stack([torch.ones_like(eot), eot.clamp(min=1)], dim=1)[:, None, :]
         mask = torch.ones(np_ids.shape[0], 1, dtype=torch.bool, device=np_ids.device)
-        return cls.from_spans(spans, mask, np_ids.shape[1])
+        return cls.from_spans(spans, mask, np_ids.shape[1], query_prefix)
 
 
 def split_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
@@ -196,10 +224,25 @@ def maps_from_columns(probabilities: torch.Tensor, concepts: ConceptColumns) -> 
     return torch.einsum("bqc,bnc->bnq", per_column, concepts.weights)
 
 
-def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumns, prefix: int) -> torch.Tensor:
+def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:
     """(B, N, Q - prefix) per-NP maps from full eager probabilities (B, H, Q, T): the reference path."""
     index = concepts.columns[:, None, None, :].expand(*probabilities.shape[:3], -1)
-    return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, prefix:], concepts)
+    return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, concepts.query_prefix :], concepts)
+
+
+def maps_from_lse(
+    patch_query: torch.Tensor, key: torch.Tensor, patch_lse: torch.Tensor, keys: TextKeys, concepts: ConceptColumns
+) -> torch.Tensor:
+    """(B, N, P) per-NP maps from a fused kernel's row log-sum-exp: only the NP columns are computed.
+
+    Args:
+        patch_query: (B, H, P, d) the patch rows of the queries (prefix rows already left out).
+        key: (B, H, T, d) keys.
+        patch_lse: (B, H, P) the kernel's log-sum-exp of those rows (no gradient; restored here).
+    """
+    patch_lse = lse_with_gradient(patch_query, key, patch_lse, keys.valid)
+    probabilities = column_probabilities(patch_query, key, patch_lse, concepts.columns, keys.valid)
+    return maps_from_columns(probabilities, concepts)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -228,53 +271,39 @@ class CrossAttentionBlock(nn.Module):
         return query, split_heads(self.k_proj(text_norm), self.heads)
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        text_states: torch.Tensor,
-        key_valid: torch.Tensor,
-        concepts: ConceptColumns | None = None,
-        prefix: int = 0,
-        eager: bool = False,
+        self, tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns | None = None, eager: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens (B,Q,W) after the block, and with `concepts` the block's NP maps (B,N,Q-prefix) over patch rows."""
-        text_norm = self.text_norm(text_states)
+        text_norm = self.text_norm(keys.states)
         query, key = self._queries_and_keys(tokens, text_norm)
         value = split_heads(self.v_proj(text_norm), self.heads)
         maps = None
         if eager:
-            attended, probabilities = attention_eager(query, key, value, key_valid)
+            attended, probabilities = attention_eager(query, key, value, keys.valid)
             if concepts is not None:
-                maps = maps_from_probabilities(probabilities, concepts, prefix)
+                maps = maps_from_probabilities(probabilities, concepts)
         elif concepts is not None:
-            attended, lse = attention_fused_with_lse(query, key, value, key_valid)
-            patch_query, key_lse = query[:, :, prefix:], lse[:, :, prefix:]
-            key_lse = lse_with_gradient(patch_query, key, key_lse, key_valid)
-            probabilities = column_probabilities(patch_query, key, key_lse, concepts.columns, key_valid)
-            maps = maps_from_columns(probabilities, concepts)
+            attended, lse = attention_fused_with_lse(query, key, value, keys.valid)
+            prefix = concepts.query_prefix
+            maps = maps_from_lse(query[:, :, prefix:], key, lse[:, :, prefix:], keys, concepts)
         else:
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=keys.valid[:, None, None, :])
         tokens = tokens + self.out_proj(merge_heads(attended))
         tokens = tokens + self.ffn(self.ffn_norm(tokens))
         return tokens, maps
 
     def concept_maps(
-        self,
-        tokens: torch.Tensor,
-        text_states: torch.Tensor,
-        key_valid: torch.Tensor,
-        concepts: ConceptColumns,
-        prefix: int = 0,
-        eager: bool = False,
+        self, tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns, eager: bool = False
     ) -> torch.Tensor:
         """The block's NP maps alone: no value projection, no output projection, no FFN."""
-        query, key = self._queries_and_keys(tokens, self.text_norm(text_states))
+        query, key = self._queries_and_keys(tokens, self.text_norm(keys.states))
         if eager:
-            return maps_from_probabilities(attention_eager(query, key, key, key_valid)[1], concepts, prefix)
-        # The kernel needs some value; the keys serve, and the (unused) output costs one small matmul.
-        _, lse = attention_fused_with_lse(query[:, :, prefix:], key, key, key_valid)
-        lse = lse_with_gradient(query[:, :, prefix:], key, lse, key_valid)
-        probabilities = column_probabilities(query[:, :, prefix:], key, lse, concepts.columns, key_valid)
-        return maps_from_columns(probabilities, concepts)
+            return maps_from_probabilities(attention_eager(query, key, key, keys.valid)[1], concepts)
+        # Only the patch rows are mapped, so only they go through the kernel. It needs some value; the keys serve,
+        # and the (unused) output costs one small matmul.
+        patch_query = query[:, :, concepts.query_prefix :]
+        _, patch_lse = attention_fused_with_lse(patch_query, key, key, keys.valid)
+        return maps_from_lse(patch_query, key, patch_lse, keys, concepts)
 
 
 class FusionHead(nn.Module):
@@ -285,38 +314,26 @@ class FusionHead(nn.Module):
         self.blocks = nn.ModuleList(CrossAttentionBlock(width, text_width, heads, ffn_mult) for _ in range(layers))
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        text_states: torch.Tensor,
-        key_valid: torch.Tensor,
-        concepts: ConceptColumns | None = None,
-        prefix: int = 0,
-        eager: bool = False,
+        self, tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns | None = None, eager: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fused tokens (B,Q,W) and, with `concepts`, NP maps (B,N,Q-prefix) averaged over blocks and heads."""
-        text_states, key_valid = pad_keys(text_states, key_valid)
+        keys = keys.padded()
         total = None
         for block in self.blocks:
-            tokens, maps = block(tokens, text_states, key_valid, concepts, prefix, eager)
+            tokens, maps = block(tokens, keys, concepts, eager)
             if maps is not None:
                 total = maps if total is None else total + maps
         return tokens, None if total is None else total / len(self.blocks)
 
     def concept_maps(
-        self,
-        tokens: torch.Tensor,
-        text_states: torch.Tensor,
-        key_valid: torch.Tensor,
-        concepts: ConceptColumns,
-        prefix: int = 0,
-        eager: bool = False,
+        self, tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns, eager: bool = False
     ) -> torch.Tensor:
         """NP maps only: the last block skips its value path and FFN (nothing downstream reads its tokens)."""
-        text_states, key_valid = pad_keys(text_states, key_valid)
+        keys = keys.padded()
         total = None
         for block in self.blocks[:-1]:
-            tokens, maps = block(tokens, text_states, key_valid, concepts, prefix, eager)
+            tokens, maps = block(tokens, keys, concepts, eager)
             total = maps if total is None else total + maps
-        last = self.blocks[-1].concept_maps(tokens, text_states, key_valid, concepts, prefix, eager)
+        last = self.blocks[-1].concept_maps(tokens, keys, concepts, eager)
         total = last if total is None else total + last
         return total / len(self.blocks)

@@ -12,21 +12,22 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from training.config_loader import RootConfig
+from training.job import JobConfig
 from training.monitor.attention_images import attention_grid
+from training.monitor.mfu import peak_bf16_flops
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-# Dense bf16 peak per device, in FLOP/s, for MFU when `logging.peak_tflops` is not set (vendor datasheets).
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -48,7 +49,7 @@ def _finite_or_none(value: float) -> float | None:
 class Monitor:
     """Logs every step on rank 0; other ranks only join the collective parts (none, unless ZeRO-3 images)."""
 
-    def __init__(self, config: RootConfig, rank: int, start_step: int, model: torch.nn.Module, device) -> None:
+    def __init__(self, config: JobConfig, rank: int, start_step: int, model: torch.nn.Module, device) -> None:
         self.config = config
         self.rank = rank
         self.model = model
@@ -67,7 +68,8 @@ class Monitor:
                 str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
             )
             self.metrics = open(run_dir / METRICS_FILE, "a")
-            self._append({"event": "start", "from_step": start_step})
+            # The pid tells an operator (or a recovery test) which process rank 0 of this attempt is.
+            self._append({"event": "start", "from_step": start_step, "pid": os.getpid(), "host": socket.gethostname()})
 
     def _peak_flops(self) -> float | None:
         if self.device.type != "cuda":
@@ -75,9 +77,9 @@ class Monitor:
         if self.config.logging.peak_tflops:
             return self.config.logging.peak_tflops * 1e12
         name = torch.cuda.get_device_name(self.device)
-        for key, peak in _PEAK_BF16.items():
-            if key in name:
-                return peak
+        peak = peak_bf16_flops(name)
+        if peak is not None:
+            return peak
         logger.warning("no bf16 peak known for %s: set logging.peak_tflops to get perf/mfu", name)
         return None
 

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config_loader import LossConfig, ModelConfig
+from training.model.config import ModelConfig
 from training.model.context_cir import ConTextCIR, build_model
-from training.objectives.contrastive import ContrastiveLoss, concept_consistency_loss
+from training.objectives.concept_consistency import concept_consistency_loss
+from training.objectives.config import LossConfig
+from training.objectives.contrastive import ContrastiveLoss
 
 
 class ConTextObjective(nn.Module):

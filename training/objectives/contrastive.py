@@ -1,6 +1,6 @@
-"""The two training losses: contrastive over the global batch, and Text Concept-Consistency.
+"""The contrastive loss over the global batch.
 
-Contrastive: every query is scored against all targets of the global batch and, as hard negatives, all reference
+Every query is scored against all targets of the global batch and, as hard negatives, all reference
 images (never positives, even when a reference equals its target); its own target is the only positive. A
 symmetric target -> query term is averaged in. Embeddings are gathered from every rank with a gather that carries
 gradients back to the rank that produced them; the loss module owns this collective.
@@ -18,11 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from training.engine.distributed import rank_and_world
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -35,7 +31,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        rank, world = _world()
+        rank, world = rank_and_world()
         ctx.rank, ctx.rows = rank, tensor.shape[0]
         chunks = [torch.empty_like(tensor) for _ in range(world)]
         dist.all_gather(chunks, tensor.contiguous())
@@ -53,7 +49,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
     Every rank must pass the same batch size (the streaming reader guarantees equal, full batches).
     """
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
@@ -77,7 +73,7 @@ class ContrastiveLoss(nn.Module):
             `loss` (mean of the directions used), `query_to_target`, `target_to_query` (when symmetric) and
             `accuracy` (share of queries whose best candidate is their own target).
         """
-        rank, _ = _world()
+        rank, _ = rank_and_world()
         query, target = query.float(), target.float()
         labels = torch.arange(query.shape[0], device=query.device) + rank * query.shape[0]
         candidates = [gather_with_grad(target)]
@@ -91,22 +87,3 @@ class ContrastiveLoss(nn.Module):
         loss = torch.stack(list(terms.values())).mean()
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "accuracy": accuracy, **{name: value.detach() for name, value in terms.items()}}
-
-
-def concept_consistency_loss(
-    in_context: torch.Tensor, isolated: torch.Tensor, np_mask: torch.Tensor, epsilon: float
-) -> torch.Tensor:
-    """Text-CC: mean over real NPs of the mean over patches of ReLU(|ctx - iso| - epsilon).
-
-    Args:
-        in_context: (B, N, P) maps of each NP inside its caption.
-        isolated: (B, N, P) maps of each NP encoded alone (no gradient is taken through them).
-        np_mask: (B, N) True for real NPs.
-        epsilon: slack below which a difference costs nothing.
-
-    Returns:
-        A scalar; 0 (still attached to the graph) when the batch has no NP.
-    """
-    gap = F.relu((in_context.float() - isolated.detach().float()).abs() - epsilon).mean(dim=-1)
-    weights = np_mask.to(gap.dtype)
-    return (gap * weights).sum() / weights.sum().clamp(min=1.0)

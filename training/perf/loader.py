@@ -1,7 +1,8 @@
-"""Streaming reader throughput: samples per second, and per core used, on the configured shard set."""
+"""`launch/bench.py loader`: streaming reader throughput, samples per second and per core, on the configured shards."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from typing import Any
@@ -9,16 +10,17 @@ from typing import Any
 from tqdm import tqdm
 
 from shards.stream.reader import build_reader
+from training.job import JobConfig
 
 
-def loader_benchmark(config: Any, seconds: float) -> dict[str, Any]:
+def loader_benchmark(config: JobConfig, seconds: float) -> dict[str, Any]:
     """Stream rank 0 of a one-rank reader for `seconds` and measure its throughput.
 
     The clock starts after the first batch, so worker start-up and the first shuffle-buffer fill are reported
     apart (`startup_s`) from the steady rate. Nothing else runs, so the rate is what the loader alone delivers.
 
     Args:
-        config: the root config (`RootConfig`); reads data.*, model.backbone and train.micro_batch.
+        config: the job config; reads data.*, model.backbone and train.micro_batch.
         seconds: how long to stream after the first batch.
 
     Returns:
@@ -58,3 +60,11 @@ def loader_benchmark(config: Any, seconds: float) -> dict[str, Any]:
         "backbone": config.model.backbone,
         "stats": stream.stats,
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long to stream after the first batch")
+
+
+def run(config: JobConfig, args: argparse.Namespace) -> dict[str, Any]:
+    return loader_benchmark(config, seconds=args.seconds)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from shards.model_inputs import CONTEXT_LENGTH
 from training.model.context_cir import ConTextCIR
-from training.model.fusion import ConceptColumns, key_padding_mask
-from training.objectives.contrastive import concept_consistency_loss
+from training.model.fusion import ConceptColumns, TextKeys
+from training.objectives.concept_consistency import concept_consistency_loss
 
 
 @torch.no_grad()
@@ -24,14 +24,13 @@ def released_isolated_maps(
 ) -> torch.Tensor:
     """(B, N, P) isolated maps, one whole-model call per NP slot, NP ids padded to the full context."""
     batch, count, length = np_ids.shape
-    prefix = model.backbone.image_prefix_tokens
     maps = []
     for slot in range(count):
         ids = F.pad(np_ids[:, slot], (0, CONTEXT_LENGTH - length))
         tokens = model.backbone.encode_image(reference_image).tokens
-        states = model.backbone.encode_text(ids)
-        concepts = ConceptColumns.isolated(ids)
-        fused, slot_maps = model.fusion(tokens, states, key_padding_mask(ids), concepts, prefix, eager=True)
+        keys = TextKeys.of(model.backbone.encode_text(ids), ids)
+        concepts = ConceptColumns.isolated(ids, query_prefix=model.backbone.image_prefix_tokens)
+        fused, slot_maps = model.fusion(tokens, keys, concepts, eager=True)
         model.query_projection(model.pooler(fused, eager=True))  # the released call computes the full output
         # An empty slot has no key at all (NaN rows); it is masked out of the loss, so zero it here.
         maps.append(torch.where(np_mask[:, slot, None], slot_maps[:, 0].float(), 0.0))

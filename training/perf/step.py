@@ -15,6 +15,7 @@ the result adds triplets/s, peak memory and MFU from an analytic FLOP count.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import time
@@ -24,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from shards.model_inputs import image_size
-from training.config_loader import RootConfig
-from training.objectives.context import ConTextObjective
+from training.job import JobConfig
+from training.monitor.mfu import analytic_step_flops, peak_bf16_flops
+from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
 
 logger = logging.getLogger(__name__)
@@ -65,58 +67,7 @@ def synthetic_batch(
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def _transformer_flops(tokens: int, width: int, layers: int, mlp_width: int) -> int:
-    """Forward matmul FLOPs (2 per multiply-add) of a pre-norm transformer over one sequence."""
-    return layers * (2 * tokens * (4 * width * width + 2 * width * mlp_width) + 4 * tokens * tokens * width)
-
-
-def analytic_step_flops(
-    objective: ConTextObjective, batch_size: int, text_tokens: int, nps: int, np_tokens: int
-) -> float:
-    """Matmul FLOPs of one efficient step: 3x forward for the main pass (forward + backward), 1x for the NP pass.
-
-    Args:
-        objective: the objective whose model's dimensions are counted.
-        batch_size: triplets in the step.
-        text_tokens: caption keys after trimming; np_tokens: NP keys after trimming; nps: NPs per caption.
-    """
-    model = objective.model
-    visual, clip = model.backbone.clip.visual, model.backbone.clip
-    text = getattr(clip, "text", clip)
-    patches = model.patch_grid[0] * model.patch_grid[1]
-    queries = patches + model.backbone.image_prefix_tokens
-    width, text_width, dim = model.backbone.image_width, model.backbone.text_width, model.backbone.embed_dim
-    vision = visual.transformer
-    image = 2 * patches * visual.conv1.weight[0].numel() * width + 2 * width * dim
-    image += _transformer_flops(queries, width, len(vision.resblocks), vision.resblocks[0].mlp.c_fc.out_features)
-
-    def text_flops(tokens: int) -> int:
-        tower = text.transformer
-        return _transformer_flops(tokens, text_width, len(tower.resblocks), tower.resblocks[0].mlp.c_fc.out_features)
-
-    blocks = model.fusion.blocks
-    ffn_width = blocks[0].ffn[0].out_features
-
-    def fusion_flops(rows: int, keys: int, full_last: bool) -> int:
-        per_block = 2 * rows * (2 * width * width + 2 * width * ffn_width) + 4 * keys * text_width * width
-        per_block += 4 * rows * keys * width
-        last = per_block if full_last else 2 * rows * width * width + 2 * keys * text_width * width
-        return (len(blocks) - 1) * per_block + last + 4 * patches * keys * width * len(blocks)  # + lse gradient
-
-    pooler = 2 * queries * 2 * width * width + 2 * width * dim
-    main = batch_size * (2 * image + text_flops(text_tokens) + fusion_flops(queries, text_tokens, True) + pooler)
-    isolated = batch_size * nps * (text_flops(np_tokens) + fusion_flops(patches, np_tokens, False))
-    return float(3 * main + isolated)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    from training.monitor.run_monitor import _PEAK_BF16  # one table of datasheet peaks for the whole project
-
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in _PEAK_BF16.items() if key in name), None)
-
-
-def step_benchmark(config: RootConfig, repeats: int, nps: int) -> dict[str, Any]:
+def step_benchmark(config: JobConfig, repeats: int, nps: int) -> dict[str, Any]:
     """Time forward + backward of one training step for each variant; see the module docstring.
 
     Returns:
@@ -194,7 +145,7 @@ def step_benchmark(config: RootConfig, repeats: int, nps: int) -> dict[str, Any]
         text_tokens = int((batch["caption_ids"] != 0).sum(dim=1).max())
         np_tokens = int((batch["np_ids"] != 0).sum(dim=2).max())
         flops = analytic_step_flops(objective, config.train.micro_batch, text_tokens, result["nps"], np_tokens)
-        peak = _peak_flops(device)
+        peak = peak_bf16_flops(torch.cuda.get_device_name(device))
         result.update(
             triplets_per_s=config.train.micro_batch / fastest["efficient"],
             peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
@@ -203,3 +154,12 @@ def step_benchmark(config: RootConfig, repeats: int, nps: int) -> dict[str, Any]
         )
         logger.info("last efficient step took %.3f s", step_s)
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant")
+    parser.add_argument("--nps", type=int, default=10, help="noun phrases per caption")
+
+
+def run(config: JobConfig, args: argparse.Namespace) -> dict[str, Any]:
+    return step_benchmark(config, repeats=args.repeats, nps=args.nps)

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from training import faults
-from training.checkpoint.checkpointer import TrainState, save_checkpoint
+from training.checkpoint.checkpointer import Checkpointer
 from training.engine.deepspeed_engine import local_grad_norm
 from training.engine.distributed import all_reduce_sum, keys_digest, rank_and_world
+from training.job import JobConfig
+from training.trainer.state import TrainState
 
 
 class NonFiniteAbort(RuntimeError):
@@ -76,18 +77,18 @@ class LoopContext:
     """Everything the loop touches, built by `training.trainer.worker`."""
 
     engine: Any
-    model: torch.nn.Module
     reader: Any
     monitor: Any
-    config: Any
+    checkpointer: Checkpointer
+    config: JobConfig
     device: torch.device
     state: TrainState = field(default_factory=TrainState)
+    """Mutated in place: the checkpointer saves and restores this same object."""
 
 
 def run(context: LoopContext) -> TrainState:
     """Train from `context.state.step` to `train.steps`, checkpointing every `checkpoint.every_steps` and at the end."""
     config, state, engine = context.config, context.state, context.engine
-    rank, _ = rank_and_world()
     accumulation = config.accumulation_steps
     batches = iter(context.reader)
     while state.step < config.train.steps:
@@ -108,7 +109,6 @@ def run(context: LoopContext) -> TrainState:
                 f"or gradient (train.max_consecutive_skips={config.train.max_consecutive_skips}); lower optim.lr, "
                 "check the data, or resume from an earlier checkpoint"
             )
-        faults.maybe_kill("step", state.step, rank, config.run_dir)
         if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.steps:
-            save_checkpoint(engine, context.model, context.reader, config, state)
+            context.checkpointer.save(state.step)
     return state

@@ -11,12 +11,15 @@ import numpy as np
 import torch
 
 from training.checkpoint import layout
-from training.checkpoint.checkpointer import TrainState, load_checkpoint
-from training.config_loader import RootConfig
+from training.checkpoint.checkpointer import Checkpointer
+from training.checkpoint.pieces import ConsolidatedWeights, EngineState, ResolvedConfig, RngState
+from training.config_loader import to_yaml
 from training.engine.deepspeed_engine import build_engine
 from training.engine.distributed import rank_and_world
+from training.job import JobConfig
 from training.monitor.run_monitor import Monitor
 from training.trainer.loop import LoopContext, run
+from training.trainer.state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +30,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_worker(config: RootConfig, local_rank: int | None = None) -> TrainState:
+def build_checkpointer(config: JobConfig, engine, model: torch.nn.Module, reader, state: TrainState) -> Checkpointer:
+    """The run's checkpoints as named pieces: engine (model, AdamW, schedule), weights, config, reader, RNG, train."""
+    return Checkpointer(
+        config.run_dir,
+        config.checkpoint.keep,
+        files={
+            "engine": EngineState(engine),
+            "weights": ConsolidatedWeights(engine, model),
+            "config": ResolvedConfig(to_yaml(config)),
+        },
+        per_rank={"reader": reader, "rng": RngState()},
+        per_run={"train": state},
+    )
+
+
+def train_worker(config: JobConfig, local_rank: int | None = None) -> TrainState:
     """Train this rank until `train.steps`, resuming from the run's latest complete checkpoint when there is one.
 
     Args:
-        config: the validated root config (same on every rank).
+        config: the validated job config (same on every rank).
         local_rank: this rank's GPU index on its node; defaults to `$LOCAL_RANK` or 0.
 
     Returns:
@@ -43,19 +61,19 @@ def train_worker(config: RootConfig, local_rank: int | None = None) -> TrainStat
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rank, world = rank_and_world()
-    if world != config.cluster.num_workers:
-        raise ValueError(f"the process group has {world} ranks but cluster.num_workers={config.cluster.num_workers}")
+    if world != config.world_size:
+        raise ValueError(f"the process group has {world} ranks but cluster.num_workers={config.world_size}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     os.environ["LOCAL_RANK"] = str(local_rank)
-    if config.cluster.use_gpu:
+    if config.use_gpu:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
 
     from shards.stream.reader import build_reader
-    from training.model.context_cir import load_model_weights
-    from training.objectives.context import ConTextObjective
+    from training.model.weights import load_model_weights
+    from training.objectives.context_cir import ConTextObjective
 
     seed_everything(config.train.seed)  # identical initial weights on every rank
     objective = ConTextObjective(config.model, config.loss)
@@ -68,13 +86,15 @@ def train_worker(config: RootConfig, local_rank: int | None = None) -> TrainStat
     reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
     seed_everything(config.train.seed + 1 + rank)  # per-rank streams from here on
     state = TrainState()
+    checkpointer = build_checkpointer(config, engine, objective.model, reader, state)
     if resume is not None:
-        state = load_checkpoint(engine, resume[1], reader)
+        checkpointer.load(resume[1])
+        logger.info("resumed from %s at step %d", resume[1], state.step)
     elif rank == 0:
         logger.info("starting run %s from scratch", config.run_dir)
     monitor = Monitor(config, rank, state.step, objective.model, device)
     try:
-        state = run(LoopContext(engine, objective.model, reader, monitor, config, device, state))
+        run(LoopContext(engine, reader, monitor, checkpointer, config, device, state))
     finally:
         monitor.close()
         reader.close()

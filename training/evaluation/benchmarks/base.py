@@ -1,12 +1,19 @@
-"""The common shape every benchmark reader produces: queries, a gallery, image paths and a protocol."""
+"""What a benchmark is: a registered name, its settings, a reader producing `BenchmarkSplit`s, and a protocol.
+
+A benchmark is one module in this package that calls `register_benchmark(Benchmark(...))`. The eval job, the config
+validation (`eval.benchmarks`, `eval.datasets.<name>`) and `launch/eval.py --list` all find it through `BENCHMARKS`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from training.registry import Registry
 
 
 class BenchmarkError(ValueError):
@@ -126,3 +133,61 @@ def require_known(names: list[str] | tuple[str, ...], known: dict[str, Any], pat
     unknown = [name for name in names if name not in known]
     if unknown:
         raise BenchmarkError(f"{path}: {where} names image(s) {unknown} that the split's image list lacks")
+
+
+@dataclass
+class DatasetSettings:
+    """`eval.datasets.<name>`: where a benchmark's files are. A benchmark with options subclasses it."""
+
+    root: str | None = None
+    """The directory holding the benchmark in its distributed layout."""
+
+
+SubmissionWriter = Callable[[Path, BenchmarkSplit, Mapping[str, list[str]], Mapping[str, list[str]]], list[Path]]
+"""(output directory, test split, top-k predictions, subset predictions) -> the files written for the server."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One registered benchmark."""
+
+    name: str
+    """Its name in `eval.benchmarks`, results and TensorBoard (`eval/<name>/<metric>`)."""
+    protocol: Protocol
+    """How it is scored (also shown by `launch/eval.py --list`)."""
+    read: Callable[[Any, Sequence[str]], list[BenchmarkSplit]]
+    """(settings, eval.splits) -> the labelled splits to score; several for a multi-part benchmark."""
+    summary: str
+    """One line for the docs table: the data and the protocol."""
+    settings: type[DatasetSettings] = DatasetSettings
+    """The schema of `eval.datasets.<name>`."""
+    read_submission: Callable[[Any], BenchmarkSplit] | None = None
+    """settings -> the unlabelled test split, scored only into server files when `eval.splits` has `test`."""
+    write_submission: SubmissionWriter | None = None
+
+    def __post_init__(self) -> None:
+        if (self.read_submission is None) != (self.write_submission is None):
+            raise ValueError(f"benchmark {self.name!r}: read_submission and write_submission come together")
+
+    def scored_splits(self, settings: DatasetSettings, splits: Sequence[str]) -> list[BenchmarkSplit]:
+        """The labelled splits to score, read from `settings.root`."""
+        return self.read(self._checked(settings), splits)
+
+    def submission_split(self, settings: DatasetSettings, splits: Sequence[str]) -> BenchmarkSplit | None:
+        """The test split whose rankings go to a server, when `splits` asks for `test` and the benchmark has one."""
+        if "test" not in splits or self.read_submission is None:
+            return None
+        return self.read_submission(self._checked(settings))
+
+    def _checked(self, settings: DatasetSettings) -> DatasetSettings:
+        if not settings.root:
+            raise BenchmarkError(f"eval.datasets.{self.name}.root is not set, but eval.benchmarks lists {self.name}")
+        return settings
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", "training.evaluation.benchmarks")
+
+
+def register_benchmark(benchmark: Benchmark) -> Benchmark:
+    """Make `benchmark` known to the eval job, the config validation and the docs."""
+    return BENCHMARKS.register(benchmark.name, benchmark)

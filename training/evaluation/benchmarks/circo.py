@@ -12,19 +12,25 @@ Protocol: the whole COCO-2017 unlabeled set is the gallery and the reference is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.evaluation.benchmarks.base import (
+    Benchmark,
     BenchmarkError,
     BenchmarkSplit,
+    DatasetSettings,
     Protocol,
     Query,
     file_digest,
     read_json,
+    register_benchmark,
     require_images,
     require_keys,
     require_known,
 )
+from training.evaluation.submissions import write_circo_submission
 
 CIRCO_PROTOCOL = Protocol(recall_ks=(1, 5, 10, 25, 50), map_ks=(5, 10, 25, 50), remove_reference=False)
 DEFAULT_TEMPLATE = "Find a picture that also {shared_concept}, but {relative_caption}."
@@ -44,7 +50,7 @@ def query_text(template: str, shared_concept: str, relative_caption: str) -> str
         return template.format(shared_concept=shared_concept.strip(), relative_caption=relative_caption.strip())
     except (KeyError, IndexError, ValueError) as error:
         raise BenchmarkError(
-            f"eval.circo_template {template!r} may only use {{shared_concept}} and {{relative_caption}}: {error!r}"
+            f"eval.datasets.circo.template {template!r} may only use {{shared_concept}} and {{relative_caption}}: {error!r}"
         ) from error
 
 
@@ -109,3 +115,37 @@ def read_circo(root: str | Path, split: str = "val", template: str = DEFAULT_TEM
             "template": template,
         },
     )
+
+
+@dataclass
+class CircoSettings(DatasetSettings):
+    """`eval.datasets.circo`."""
+
+    template: str = DEFAULT_TEMPLATE
+    """Query text; fields `shared_concept` and `relative_caption`."""
+
+
+def _write_submission(
+    out_dir: Path, split: BenchmarkSplit, predictions: Mapping[str, list[str]], subsets: Mapping[str, list[str]]
+) -> list[Path]:
+    del subsets  # CIRCO has no subset protocol
+    query_ids = [query.query_id for query in split.queries]
+    return [write_circo_submission(out_dir, predictions, query_ids, split.gallery)]
+
+
+def _scored(settings: CircoSettings, splits: Sequence[str]) -> list[BenchmarkSplit]:
+    return [read_circo(settings.root, "val", settings.template)] if "val" in splits else []
+
+
+register_benchmark(
+    Benchmark(
+        name="circo",
+        protocol=CIRCO_PROTOCOL,
+        read=_scored,
+        summary="CIRCO val: mAP@{5,10,25,50} over the COCO-2017 unlabeled gallery, reference kept; query text from "
+        "`template`. With `test` in eval.splits: the test server file",
+        settings=CircoSettings,
+        read_submission=lambda settings: read_circo(settings.root, "test", settings.template),
+        write_submission=_write_submission,
+    )
+)

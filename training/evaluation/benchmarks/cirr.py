@@ -11,19 +11,24 @@ is scored by the server from submission files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from training.evaluation.benchmarks.base import (
+    Benchmark,
     BenchmarkError,
     BenchmarkSplit,
+    DatasetSettings,
     Protocol,
     Query,
     file_digest,
     read_json,
+    register_benchmark,
     require_images,
     require_keys,
     require_known,
 )
+from training.evaluation.submissions import write_cirr_submissions
 
 CIRR_PROTOCOL = Protocol(
     recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3), remove_reference=True, average=("recall@5", "recall_subset@1")
@@ -113,3 +118,27 @@ def read_cirr_layout(
 def read_cirr(root: str | Path, split: str = "val") -> BenchmarkSplit:
     """CIRR `val` (labelled, scored) or `test1` (unlabelled, for the submission files)."""
     return read_cirr_layout(root, split, name="cirr", require_labels=split == "val")
+
+
+def _write_submissions(
+    out_dir: Path, split: BenchmarkSplit, predictions: Mapping[str, list[str]], subsets: Mapping[str, list[str]]
+) -> list[Path]:
+    pairs = {query.query_id: (query.reference, query.subset) for query in split.queries}
+    return write_cirr_submissions(out_dir, predictions, subsets, pairs, split.gallery)
+
+
+def _scored(settings: DatasetSettings, splits: Sequence[str]) -> list[BenchmarkSplit]:
+    return [read_cirr(settings.root, "val")] if "val" in splits else []
+
+
+register_benchmark(
+    Benchmark(
+        name="cirr",
+        protocol=CIRR_PROTOCOL,
+        read=_scored,
+        summary="CIRR val: R@{1,5,10,50} over the gallery, reference removed; Rs@{1,2,3} within the image set; "
+        "Avg = (R@5 + Rs@1)/2. With `test` in eval.splits: the test1 `recall` and `recall_subset` server files",
+        read_submission=lambda settings: read_cirr(settings.root, "test1"),
+        write_submission=_write_submissions,
+    )
+)

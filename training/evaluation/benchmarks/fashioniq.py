@@ -10,15 +10,20 @@ reference is NOT removed; recall@10 and recall@50 per category, averaged over th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.evaluation.benchmarks.base import (
+    Benchmark,
     BenchmarkError,
     BenchmarkSplit,
+    DatasetSettings,
     Protocol,
     Query,
     file_digest,
     read_json,
+    register_benchmark,
     require_images,
     require_keys,
     require_known,
@@ -91,3 +96,33 @@ def read_fashioniq(root: str | Path, category: str, split: str = "val") -> Bench
             "gallery": len(gallery),
         },
     )
+
+
+@dataclass
+class FashionIQSettings(DatasetSettings):
+    """`eval.datasets.fashioniq`."""
+
+    categories: list[str] = field(default_factory=lambda: list(CATEGORIES))
+    """Categories scored; the averages run over these."""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.categories if name not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"categories has unknown {unknown}; known: {', '.join(CATEGORIES)}")
+
+
+def _scored(settings: FashionIQSettings, splits: Sequence[str]) -> list[BenchmarkSplit]:
+    if "val" not in splits:
+        return []
+    return [read_fashioniq(settings.root, category) for category in settings.categories]
+
+
+register_benchmark(
+    Benchmark(
+        name="fashioniq",
+        protocol=FASHIONIQ_PROTOCOL,
+        read=_scored,
+        summary="FashionIQ val: R@10, R@50 per category (dress, shirt, toptee) and their averages; reference kept",
+        settings=FashionIQSettings,
+    )
+)

@@ -9,16 +9,20 @@ score over the noun phrases that name an object of the reference image.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from training.evaluation.benchmarks.base import (
+    Benchmark,
     BenchmarkError,
     BenchmarkSplit,
+    DatasetSettings,
     GroundedPhrase,
     Protocol,
     file_digest,
     read_json,
+    register_benchmark,
 )
 from training.evaluation.benchmarks.cirr import read_cirr_layout
 
@@ -83,3 +87,28 @@ def read_synthetic(root: str | Path, split: str = "val") -> BenchmarkSplit:
     benchmark.queries = queries
     benchmark.version.update({"objects_sha256": file_digest(objects_file), "grounded_phrases": grounded})
     return benchmark
+
+
+@dataclass
+class SyntheticSettings(DatasetSettings):
+    """`eval.datasets.synthetic`."""
+
+    split: str = "val"
+    """The split to score."""
+
+
+def _scored(settings: SyntheticSettings, splits: Sequence[str]) -> list[BenchmarkSplit]:
+    del splits  # every split of the synthetic benchmark is labelled
+    return [read_synthetic(settings.root, settings.split)]
+
+
+register_benchmark(
+    Benchmark(
+        name="synthetic",
+        protocol=SYNTHETIC_PROTOCOL,
+        read=_scored,
+        summary="the embedded synthetic benchmark (`launch/make_synthetic.py`): the CIRR protocol plus grounding, "
+        "the share of each noun phrase's attention inside its object's box",
+        settings=SyntheticSettings,
+    )
+)

@@ -1,0 +1,86 @@
+"""The root config schema: every section, composed here because this is the package that sees them all.
+
+Each section is declared next to the code it configures; the training package reads the root through
+`training.job.JobConfig`, which this schema provides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from shards.config import DataConfig
+from training.checkpoint.config import CheckpointConfig
+from training.config_loader import load_structured
+from training.engine.config import DeepSpeedConfig, OptimConfig
+from training.evaluation.config import EvalConfig
+from training.model.config import ModelConfig
+from training.monitor.config import LoggingConfig
+from training.objectives.config import LossConfig
+from training.trainer.config import TrainConfig
+
+RENAMED_KEYS = {
+    "eval.cirr_root": "eval.datasets.cirr.root",
+    "eval.circo_root": "eval.datasets.circo.root",
+    "eval.circo_template": "eval.datasets.circo.template",
+    "eval.fashioniq_root": "eval.datasets.fashioniq.root",
+    "eval.fashioniq_categories": "eval.datasets.fashioniq.categories",
+    "eval.patterncir_root": "eval.datasets.patterncir.root",
+    "eval.patterncir_split": "eval.datasets.patterncir.split",
+    "eval.synthetic_root": "eval.datasets.synthetic.root",
+    "eval.synthetic_split": "eval.datasets.synthetic.split",
+}
+"""Keys that moved when benchmarks became registered plug-ins; an old key's error names its new place."""
+
+
+@dataclass
+class RootConfig:
+    """Everything a train, build or eval job reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.train.accumulation_steps(self.cluster.num_workers)  # the batch geometry must split evenly
+
+    @property
+    def world_size(self) -> int:
+        """Training ranks (`cluster.num_workers`)."""
+        return self.cluster.num_workers
+
+    @property
+    def use_gpu(self) -> bool:
+        """One GPU per rank (`cluster.use_gpu`)."""
+        return self.cluster.use_gpu
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        return self.train.accumulation_steps(self.world_size)
+
+    @property
+    def run_name(self) -> str:
+        return self.cluster.run_name
+
+    @property
+    def run_dir(self) -> Path:
+        """`<storage_path>/<run_name>`: checkpoints/, tensorboard/ and eval/ live here."""
+        return Path(self.cluster.storage_path) / self.cluster.run_name
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RootConfig:
+    """The validated root config: defaults <- YAML file <- dotted overrides (see `training.config_loader`).
+
+    Raises:
+        training.config_loader.ConfigError: the message names the key path and the file.
+    """
+    return load_structured(RootConfig, path, overrides, RENAMED_KEYS)

@@ -1,0 +1,105 @@
+"""The house rules of DESIGN section 2, checked on the code itself: imports only run downhill
+(launch -> cluster -> training -> shards), `ray` only in cluster/, test machinery out of the product, and
+module names that do not collide."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LEVELS = {"shards": 0, "training": 1, "cluster": 2, "launch": 3}
+
+
+def _modules() -> list[Path]:
+    return sorted(path for package in LEVELS for path in (REPO_ROOT / package).rglob("*.py"))
+
+
+def _imported(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in the file, inside functions too, relative ones resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = list(path.relative_to(REPO_ROOT).parts[:-1])  # the package the module (or __init__) belongs to
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+    return found
+
+
+def test_imports_only_run_downhill() -> None:
+    uphill = []
+    for path in _modules():
+        level = LEVELS[path.relative_to(REPO_ROOT).parts[0]]
+        for line, module in _imported(path):
+            target = LEVELS.get(module.split(".")[0])
+            if target is not None and target > level:
+                uphill.append(f"{path.relative_to(REPO_ROOT)}:{line} imports {module}")
+    assert not uphill, "imports that run uphill:\n" + "\n".join(uphill)
+
+
+def test_the_walker_sees_every_kind_of_import(tmp_path) -> None:
+    """The rule above can fail: an uphill import in a function body or a relative form is found."""
+    sample = REPO_ROOT / "shards" / "_layout_probe.py"
+    sample.write_text("def f():\n    from training.model import fusion\n    import cluster.cli\n")
+    try:
+        modules = [module for _, module in _imported(sample)]
+    finally:
+        sample.unlink()
+    assert modules == ["training.model", "cluster.cli"]
+    relative = tmp_path / "probe.py"
+    relative.write_text("from ..model import weights\n")
+    probe = REPO_ROOT / "training" / "evaluation" / "_probe.py"
+    probe.write_text(relative.read_text())
+    try:
+        assert [module for _, module in _imported(probe)] == ["training.model"]
+    finally:
+        probe.unlink()
+
+
+def test_only_cluster_imports_ray() -> None:
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{line}"
+        for path in _modules()
+        if path.relative_to(REPO_ROOT).parts[0] in ("shards", "training")
+        for line, module in _imported(path)
+        if module.split(".")[0] == "ray"
+    ]
+    assert not offenders, f"ray imported outside cluster/ and launch/: {offenders}"
+
+
+def test_no_fault_injection_in_the_product() -> None:
+    """Recovery tests kill workers from outside (by the pid in metrics.jsonl); no product code kills itself."""
+    hits = [
+        str(path.relative_to(REPO_ROOT))
+        for path in _modules()
+        if path.stem == "faults"
+        or "os.kill(os.getpid()" in path.read_text()
+        or any(module.split(".")[-1] == "faults" for _, module in _imported(path))
+    ]
+    assert not hits, f"fault hooks in the product: {hits}"
+
+
+def test_no_two_modules_share_a_basename_across_packages() -> None:
+    """A shared name must be the same concept in each place: a package's `config.py` (its config section), a
+    plug-in package's `base.py`, or one retrieval method's module across model/, objectives/ and methods/."""
+    per_method = {path.name for path in (REPO_ROOT / "training" / "evaluation" / "methods").glob("*.py")}
+    allowed = {"__init__.py", "config.py", "base.py"} | per_method
+    places = defaultdict(list)
+    for path in _modules():
+        if path.name not in allowed:
+            places[path.name].append(str(path.relative_to(REPO_ROOT)))
+    shared = {name: paths for name, paths in places.items() if len(paths) > 1}
+    assert not shared, shared
+
+
+def test_entry_scripts_stay_thin() -> None:
+    long = [path.name for path in (REPO_ROOT / "launch").glob("*.py") if len(path.read_text().splitlines()) > 110]
+    assert not long, f"entry scripts over ~100 lines: {long}"

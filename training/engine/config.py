@@ -1,0 +1,60 @@
+"""Config sections `optim` (AdamW and its schedule) and `deepspeed` (the engine around them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine annealing with warm restarts between `lr` and `min_lr`."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+    min_lr: float = 2e-7
+    """Floor of each cosine cycle."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    """Decoupled weight decay; norms, biases, embeddings and the pooler seed get none."""
+    warmup_steps: int = 500
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    restart_every: int = 5000
+    """Optimizer steps per cosine cycle after warmup; each cycle restarts at `lr`."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) must be in [0, optim.lr ({self.lr})] and lr positive")
+        if self.warmup_steps < 0 or self.restart_every < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.restart_every >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine. Batch sizes come from `train`; the rest is translated to DeepSpeed's JSON."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    precision: str = "auto"
+    """`auto` (bf16 on GPU, fp32 on CPU), `bf16` or `fp32`."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state offload to CPU (stage >= 1)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"deepspeed.precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")

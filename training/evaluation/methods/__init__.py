@@ -1,0 +1,7 @@
+"""Retrieval methods, one module each, found through the `METHODS` registry (see `base`)."""
+
+from __future__ import annotations
+
+from training.evaluation.methods.base import METHODS, GalleryBatch, Method, QueryBatch, register_method
+
+__all__ = ["METHODS", "GalleryBatch", "Method", "QueryBatch", "register_method"]

@@ -1,0 +1,77 @@
+"""What a retrieval method is: how it turns (reference image, text) into a query embedding and a gallery image into
+a gallery embedding. The benchmarks and metrics stay the same for every method.
+
+A method is one module in this package that calls `register_method`. Methods read the towers through shared
+per-batch views, so scoring ConText-CIR beside the zero-shot baselines runs each tower once per batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from training.registry import Registry
+
+if TYPE_CHECKING:  # config validation reads the registry's names: keep torch out of that import
+    import torch
+
+
+CLIP_IMAGE_SPACE = "clip_image"
+"""The gallery space of CLIP's own image embedding, shared by every method that ranks against it."""
+
+
+class QueryBatch:
+    """One batch of composed queries on the device; the towers run at most once for all methods."""
+
+    def __init__(self, model: torch.nn.Module, reference_images: torch.Tensor, caption_ids: torch.Tensor) -> None:
+        self.model = model
+        self.reference_images = reference_images
+        self.caption_ids = caption_ids
+
+    @cached_property
+    def views(self) -> dict[str, torch.Tensor]:
+        """`fused/query`, `img/reference` and `txt/caption` from one pass of each tower (see `encode_query_views`)."""
+        return self.model.encode_query_views(self.reference_images, self.caption_ids)
+
+
+class GalleryBatch:
+    """One batch of gallery images on the device; the image tower runs at most once for all methods."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor) -> None:
+        self.model = model
+        self.images = images
+
+    @cached_property
+    def features(self):
+        """The image tower's tokens and CLIP embedding (`training.model.towers.ImageFeatures`)."""
+        return self.model.backbone.encode_image(self.images)
+
+
+class Method(ABC):
+    """A retrieval method scored by the eval job. Embeddings need not be normalised: the encoder normalises."""
+
+    name: str
+    """Its name in `eval.baselines`, results and the docs."""
+    summary: str
+    """One line for the docs table."""
+
+    def gallery_space(self, model: torch.nn.Module) -> str:
+        """Methods that return the same gallery embedding name the same space, so the gallery is encoded once."""
+        return self.name
+
+    @abstractmethod
+    def encode_query(self, batch: QueryBatch) -> torch.Tensor:
+        """(B, D) query embeddings of a batch."""
+
+    @abstractmethod
+    def encode_gallery(self, batch: GalleryBatch) -> torch.Tensor:
+        """(B, D) gallery embeddings of a batch."""
+
+
+METHODS: Registry[Method] = Registry("method", "training.evaluation.methods")
+
+
+def register_method(method: Method) -> Method:
+    """Make `method` known to the eval job, the config validation (`eval.baselines`) and the docs."""
+    return METHODS.register(method.name, method)

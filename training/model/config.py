@@ -1,0 +1,46 @@
+"""Config section `model`: the open_clip towers and the fusion head built on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGET_ENCODINGS = ("clip", "fused_empty")
+ATTENTION_IMPLS = ("fused", "eager")
+
+
+@dataclass
+class ModelConfig:
+    """The ConText-CIR network: open_clip towers plus the cross-attention fusion head."""
+
+    backbone: str = "ViT-B-32"
+    """open_clip model name (`ViT-B-32`, `ViT-B-16`, `ViT-L-14`, `ViT-H-14`, any open_clip model, or `ContextTiny`)."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (e.g. `laion2b_s32b_b79k`), fetched into `cache_dir` by open_clip; None: random init."""
+    weights_file: str | None = None
+    """Local open_clip weights (`.safetensors`, or a state dict loaded with weights_only=True); wins over `pretrained`."""
+    cache_dir: str | None = None
+    """open_clip's download cache for `pretrained`."""
+    fusion_layers: int = 4
+    """Cross-attention + FFN blocks in the fusion head."""
+    fusion_heads: int = 8
+    """Attention heads of each fusion block."""
+    ffn_mult: int = 4
+    """FFN hidden width as a multiple of the model width."""
+    target_encoding: str = "clip"
+    """Gallery/target encoder: `clip` (CLIP image embedding) or `fused_empty` (the fusion model with empty text)."""
+    attention: str = "fused"
+    """Fusion attention kernels: `fused` (scaled_dot_product_attention) or `eager` (reference, for tests)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing in the image and text towers."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    init_from: str | None = None
+    """A `model.safetensors` to initialise all weights from (weights only: no optimizer, step or data state)."""
+
+    def __post_init__(self) -> None:
+        if self.target_encoding not in TARGET_ENCODINGS:
+            raise ValueError(f"model.target_encoding={self.target_encoding!r} must be one of {TARGET_ENCODINGS}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} must be one of {ATTENTION_IMPLS}")
+        if self.fusion_layers < 1 or self.fusion_heads < 1 or self.ffn_mult < 1:
+            raise ValueError("model.fusion_layers, model.fusion_heads and model.ffn_mult must be >= 1")

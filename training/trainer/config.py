@@ -1,0 +1,41 @@
+"""Config section `train`: the run's length, batch geometry and failure policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch geometry and failure policy of a training run."""
+
+    steps: int = 35_000
+    """Optimizer steps in the run."""
+    global_batch: int = 256
+    """Triplets per optimizer step over all ranks: micro_batch x accumulation x num_workers."""
+    micro_batch: int = 32
+    """Triplets per rank per forward pass."""
+    seed: int = 0
+    """Seed of model init and per-rank RNG streams."""
+    max_consecutive_skips: int = 10
+    """Abort after this many non-finite steps in a row."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.global_batch < 1 or self.micro_batch < 1:
+            raise ValueError("train.steps, train.global_batch and train.micro_batch must be >= 1")
+        if self.max_consecutive_skips < 1:
+            raise ValueError("train.max_consecutive_skips must be >= 1")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of `world_size` ranks.
+
+        Raises:
+            ValueError: the global batch does not split into micro-batch x accumulation x world size.
+        """
+        per_pass = self.micro_batch * world_size
+        if self.global_batch % per_pass:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not divisible by train.micro_batch ({self.micro_batch}) "
+                f"x world size ({world_size} ranks, cluster.num_workers) = {per_pass}"
+            )
+        return self.global_batch // per_pass
