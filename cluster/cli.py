@@ -35,7 +35,9 @@ def find_config(name: str) -> Path:
         for candidate in (CONFIG_DIR / given.name, CONFIG_DIR / f"{given.name}.yaml"):
             if candidate.is_file():
                 return candidate
-    raise ConfigError(f"config file not found: {name}; shipped configs ({CONFIG_DIR}): {', '.join(available_configs())}")
+    raise ConfigError(
+        f"config file not found: {name}; shipped configs ({CONFIG_DIR}): {', '.join(available_configs())}"
+    )
 
 
 def parse_config_args(
@@ -50,7 +52,9 @@ def parse_config_args(
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
-        "--config", required=True, help=f"YAML config file, or the name of a shipped one ({', '.join(available_configs())})"
+        "--config",
+        required=True,
+        help=f"YAML config file, or the name of a shipped one ({', '.join(available_configs())})",
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-5 cluster.num_workers=4")
     if add_arguments is not None:

@@ -1,7 +1,8 @@
 """The root config schema: every section, composed here because this is the package that sees them all.
 
-Each section is declared next to the code it configures; the training package reads the root through
-`training.job.JobConfig`, which this schema provides.
+Each section is declared next to the code it configures. The training package never names this class: its
+training job reads the root through `training.trainer.job.TrainJob` and the eval job through
+`training.evaluation.config.EvalJob`, protocols this schema provides.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from cluster.config import ClusterConfig
 from shards.config import DataConfig
 from training.checkpoint.config import CheckpointConfig
 from training.config_loader import load_structured
-from training.engine.config import DeepSpeedConfig, OptimConfig
+from training.engine.config import BatchGeometry, DeepSpeedConfig, OptimConfig
 from training.evaluation.config import EvalConfig
 from training.model.config import ModelConfig
 from training.monitor.config import LoggingConfig
@@ -50,7 +51,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        self.train.accumulation_steps(self.cluster.num_workers)  # the batch geometry must split evenly
+        self.train.geometry(self.cluster.num_workers)  # the global batch must split evenly
 
     @property
     def world_size(self) -> int:
@@ -63,9 +64,14 @@ class RootConfig:
         return self.cluster.use_gpu
 
     @property
+    def batch(self) -> BatchGeometry:
+        """The global batch split over the ranks."""
+        return self.train.geometry(self.world_size)
+
+    @property
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step on each rank."""
-        return self.train.accumulation_steps(self.world_size)
+        return self.batch.accumulation_steps
 
     @property
     def run_name(self) -> str:

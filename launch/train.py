@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from training.checkpoint.checkpointer import fresh_start_conflict
 
-    conflict = fresh_start_conflict(config)
+    conflict = fresh_start_conflict(config.run_dir, config.checkpoint.resume)
     if conflict is not None:
         print(f"config error: {conflict}", file=sys.stderr)
         return CONFIG_ERROR_EXIT

@@ -56,12 +56,12 @@ def test_prune_keeps_the_newest_complete_ones(tmp_path):
 
 def test_fresh_start_refuses_to_clobber_a_run(tmp_path):
     config = load_config(TINY, [f"cluster.storage_path={tmp_path}", "cluster.run_name=r", "checkpoint.resume=false"])
-    assert fresh_start_conflict(config) is None
+    assert fresh_start_conflict(config.run_dir, config.checkpoint.resume) is None
     _fake_checkpoint(config.run_dir, 3, complete=False)
-    message = fresh_start_conflict(config)
+    message = fresh_start_conflict(config.run_dir, config.checkpoint.resume)
     assert message and "cluster.run_name" in message and "step_00000003" in message
     resumed = load_config(TINY, [f"cluster.storage_path={tmp_path}", "cluster.run_name=r"])
-    assert fresh_start_conflict(resumed) is None
+    assert fresh_start_conflict(resumed.run_dir, resumed.checkpoint.resume) is None
 
 
 def test_train_entry_exits_2_instead_of_clobbering(tmp_path):
@@ -155,7 +155,7 @@ def test_engine_loader_never_unpickles_arbitrary_objects(tmp_path):
 
 def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     from shards.stream.reader import build_reader
-    from training.engine.deepspeed_engine import build_engine
+    from training.engine.deepspeed_engine import build_engine, deepspeed_config
     from training.model.weights import load_model_weights
     from training.objectives.context_cir import ConTextObjective
     from training.trainer.loop import train_step
@@ -167,7 +167,7 @@ def _resume_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     def build():
         seed_everything(0)
         objective = ConTextObjective(config.model, config.loss)
-        engine, _, _ = build_engine(objective, config, world)
+        engine, _, _ = build_engine(objective, config.optim, deepspeed_config(config.deepspeed, config.batch, False))
         reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
         seed_everything(1 + rank)
         return objective, engine, reader

@@ -39,7 +39,7 @@ def tiny_overrides(tmp_path: Path, shards_dir: Path, **extra: object) -> list[st
 
 def test_deepspeed_config_from_the_root_config():
     config = load_config(TINY, ["train.global_batch=64", "train.micro_batch=8", "cluster.num_workers=2"])
-    ds = deepspeed_config(config)
+    ds = deepspeed_config(config.deepspeed, config.batch, config.use_gpu)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         64,
         8,
@@ -51,11 +51,11 @@ def test_deepspeed_config_from_the_root_config():
         TINY,
         ["cluster.use_gpu=true", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true", "cluster.num_workers=1"],
     )
-    ds = deepspeed_config(gpu)
+    ds = deepspeed_config(gpu.deepspeed, gpu.batch, gpu.use_gpu)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     with pytest.raises(ValueError, match="world size"):
-        deepspeed_config(config, world_size=3)
+        deepspeed_config(config.deepspeed, config.train.geometry(world_size=3), False)
     with pytest.raises(ConfigError, match="global_batch"):
         load_config(TINY, ["train.global_batch=60", "train.micro_batch=8", "cluster.num_workers=2"])
 
@@ -92,18 +92,17 @@ class _PoisonedReader:
 
 def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     from shards.stream.reader import build_reader
-    from training.monitor.run_monitor import Monitor
     from training.objectives.context_cir import ConTextObjective
     from training.trainer.loop import LoopContext, NonFiniteAbort, run, train_step
     from training.trainer.state import TrainState
-    from training.trainer.worker import build_checkpointer, seed_everything
+    from training.trainer.worker import build_checkpointer, build_monitor, seed_everything
 
     config = load_config(TINY, overrides)
     seed_everything(0)
     objective = ConTextObjective(config.model, config.loss)
     from training.engine.deepspeed_engine import build_engine
 
-    engine, _, _ = build_engine(objective, config, world)
+    engine, _, _ = build_engine(objective, config.optim, deepspeed_config(config.deepspeed, config.batch, False))
     reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
     batches = iter(reader)
     cpu = torch.device("cpu")
@@ -125,7 +124,7 @@ def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in engine.module.parameters())).hexdigest()
     counters = [engine.global_steps, engine.micro_steps, engine.skipped_steps]
 
-    monitor = Monitor(config, rank, 0, objective.model, cpu)
+    monitor = build_monitor(config, rank, 0, objective.model, cpu)
     poisoned_reader, state = _PoisonedReader(reader, rank, 0), TrainState()
     checkpointer = build_checkpointer(config, engine, objective.model, poisoned_reader, state)
     context = LoopContext(engine, poisoned_reader, monitor, checkpointer, config, cpu, state)

@@ -78,7 +78,9 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
     assert _eval_main()(["--config", TINY, "--checkpoint", str(latest), "--benchmarks", benchmarks, *overrides]) == 0
 
     result = json.loads((config.run_dir / "eval" / "step_00000100.json").read_text())
-    assert result["step"] == 100 and result["config"]["eval"]["datasets"]["synthetic"]["root"] == str(roots["synthetic"])
+    assert result["step"] == 100 and result["config"]["eval"]["datasets"]["synthetic"]["root"] == str(
+        roots["synthetic"]
+    )
     assert result["checkpoint_config"]["model"]["backbone"] == "ContextTiny"
     for name, keys in EXPECTED_KEYS.items():
         entry = result["benchmarks"][name]

@@ -139,6 +139,9 @@ def test_config_driven_splits(tmp_path) -> None:
     ]
     assert splits_of("cirr")[1].split == "test1"
     assert splits_of("fashioniq")[1] is None
-    assert config.unset_roots(["cirr", "circo", "synthetic"]) == ["eval.datasets.circo.root", "eval.datasets.synthetic.root"]
+    assert config.unset_roots(["cirr", "circo", "synthetic"]) == [
+        "eval.datasets.circo.root",
+        "eval.datasets.synthetic.root",
+    ]
     with pytest.raises(BenchmarkError, match="eval.datasets.circo.root"):
         splits_of("circo")

@@ -10,9 +10,10 @@ from shard_fixtures import write_shard_set
 from test_engine import TINY, tiny_overrides
 
 from cluster.root_config import load_config
-from training.monitor.run_monitor import Monitor, read_metrics
+from training.monitor.run_monitor import read_metrics
 from training.trainer.loop import StepResult
 from training.trainer.state import TrainState
+from training.trainer.worker import build_monitor
 
 
 def _first_batch(config):
@@ -36,7 +37,7 @@ def test_monitor_logs_scalars_metrics_and_attention_grid(tmp_path):
     model = build_model(config.model)
     batch = _first_batch(config)
     metrics = {"loss": 2.5, "contrastive_loss": 2.4, "cc_loss": 0.1, "cc/raw": 1.25}
-    monitor = Monitor(config, 0, 0, model, "cpu")
+    monitor = build_monitor(config, 0, 0, model, "cpu")
     for step in (1, 2):
         state = TrainState(step=step, samples_seen=4 * step, skipped_steps=step - 1)
         result = StepResult(dict(metrics, loss=float("nan") if step == 2 else 2.5), 1e-3, 0.5, step == 2, "abc")

@@ -22,7 +22,6 @@ from pathlib import Path
 from training.checkpoint import layout
 from training.checkpoint.pieces import FilePiece, Stateful
 from training.engine.distributed import all_gather_json, barrier, rank_and_world
-from training.job import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -139,22 +138,22 @@ def prune(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def fresh_start_conflict(config: JobConfig) -> str | None:
+def fresh_start_conflict(run_dir: str | Path, resume: bool) -> str | None:
     """With `checkpoint.resume=false`: why starting would clobber an existing run, or None when it would not.
 
     A fresh start never deletes or overwrites checkpoints silently; the user picks a new `cluster.run_name` or
     resumes. (Once a fresh job is running, a worker group that Ray restarts does resume from the checkpoints
     this same job wrote.)
     """
-    if config.checkpoint.resume:
+    if resume:
         return None
-    root = layout.checkpoints_root(config.run_dir)
+    root = layout.checkpoints_root(run_dir)
     existing = (
         sorted(child.name for child in root.iterdir() if layout.step_of(child) is not None) if root.is_dir() else []
     )
     if not existing:
         return None
     return (
-        f"checkpoint.resume=false but run {config.run_name!r} already has checkpoints in {root} "
+        f"checkpoint.resume=false but run {Path(run_dir).name!r} already has checkpoints in {root} "
         f"({', '.join(existing[-3:])}); choose a new cluster.run_name, or set checkpoint.resume=true to continue it"
     )

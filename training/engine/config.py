@@ -7,6 +7,31 @@ from dataclasses import dataclass
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one optimizer step's global batch splits over ranks and micro-batches."""
+
+    global_batch: int
+    """Triplets per optimizer step over all ranks."""
+    micro_batch: int
+    """Triplets per rank per forward pass."""
+    world_size: int
+    """Data-parallel ranks."""
+
+    def __post_init__(self) -> None:
+        per_pass = self.micro_batch * self.world_size
+        if self.global_batch % per_pass:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not divisible by train.micro_batch ({self.micro_batch}) "
+                f"x world size ({self.world_size} ranks, cluster.num_workers) = {per_pass}"
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine annealing with warm restarts between `lr` and `min_lr`."""

@@ -24,34 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.engine.config import BatchGeometry, DeepSpeedConfig, OptimConfig
 from training.engine.optimizer import SkippableAdamW, build_optimizer
 from training.engine.schedule import build_scheduler
-from training.job import JobConfig
 
 logger = logging.getLogger(__name__)
 
 _NEVER_PRINT = 2**62  # DeepSpeed's own periodic progress print; our monitor logs instead
 
 
-def uses_bf16(config: JobConfig) -> bool:
+def uses_bf16(section: DeepSpeedConfig, use_gpu: bool) -> bool:
     """bf16 autocast: `deepspeed.precision` bf16, or `auto` with GPUs."""
-    precision = config.deepspeed.precision
-    return precision == "bf16" or (precision == "auto" and config.use_gpu)
+    return section.precision == "bf16" or (section.precision == "auto" and use_gpu)
 
 
-def deepspeed_config(config: JobConfig, world_size: int | None = None) -> dict[str, Any]:
-    """DeepSpeed's JSON config for this run.
-
-    Args:
-        config: the validated root config.
-        world_size: data-parallel ranks; defaults to `cluster.num_workers`.
-
-    Raises:
-        ValueError: the global batch does not split into micro-batch x accumulation x world size.
-    """
-    world_size = config.world_size if world_size is None else world_size
-    train, section = config.train, config.deepspeed
-    accumulation = train.accumulation_steps(world_size)
+def deepspeed_config(section: DeepSpeedConfig, batch: BatchGeometry, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's JSON config: the `deepspeed` section, the batch split over the ranks, bf16 on GPU."""
     zero: dict[str, Any] = {"stage": section.zero_stage}
     if section.zero_stage >= 1:
         zero |= {
@@ -60,11 +48,11 @@ def deepspeed_config(config: JobConfig, world_size: int | None = None) -> dict[s
             "allgather_bucket_size": section.allgather_bucket_size,
         }
     if section.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.use_gpu}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     result: dict[str, Any] = {
-        "train_batch_size": train.global_batch,
-        "train_micro_batch_size_per_gpu": train.micro_batch,
-        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": batch.global_batch,
+        "train_micro_batch_size_per_gpu": batch.micro_batch,
+        "gradient_accumulation_steps": batch.accumulation_steps,
         "gradient_clipping": section.gradient_clipping,
         "zero_optimization": zero,
         # Our AdamW subclass is a plain torch AdamW to ZeRO; with offload we keep it instead of DeepSpeedCPUAdam.
@@ -73,7 +61,7 @@ def deepspeed_config(config: JobConfig, world_size: int | None = None) -> dict[s
         "steps_per_print": _NEVER_PRINT,
         "wall_clock_breakdown": False,
     }
-    if uses_bf16(config):
+    if uses_bf16(section, use_gpu):
         result["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return result
 
@@ -119,8 +107,8 @@ def _scalars_as_vectors(module: nn.Module) -> Iterator[None]:
                 parameter.data = parameter.data.reshape(())
 
 
-def build_engine(module: nn.Module, config: JobConfig, world_size: int):
-    """Wrap `module` (the objective) in a DeepSpeed engine with our AdamW and schedule.
+def build_engine(module: nn.Module, optim: OptimConfig, deepspeed_json: dict[str, Any]):
+    """Wrap `module` (the objective) in a DeepSpeed engine (`deepspeed_config`) with our AdamW and schedule.
 
     torch.distributed must already be initialised (Ray's TorchConfig, or the test harness): DeepSpeed reuses
     that process group.
@@ -131,14 +119,14 @@ def build_engine(module: nn.Module, config: JobConfig, world_size: int):
     import deepspeed
 
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; Ray and torchrun set the real value
-    optimizer = build_optimizer(module, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim)
+    optimizer = build_optimizer(module, optim)
+    scheduler = build_scheduler(optimizer, optim)
     with _scalars_as_vectors(module):
         engine, _, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(config, world_size),
+            config=deepspeed_json,
             dist_init_required=False,
         )
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)

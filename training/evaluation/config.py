@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -85,3 +86,13 @@ class EvalConfig:
     def unset_roots(self, names: list[str]) -> list[str]:
         """The `eval.datasets.<name>.root` keys that the benchmarks in `names` need but the config leaves empty."""
         return [f"eval.datasets.{name}.root" for name in names if not self.dataset(name).root]
+
+
+class EvalJob(Protocol):
+    """What the eval job reads of the root config (`cluster.root_config.RootConfig` provides it)."""
+
+    eval: EvalConfig
+
+    @property
+    def run_dir(self) -> Path:
+        """The run whose checkpoints are scored; results go to `<run_dir>/eval/`."""

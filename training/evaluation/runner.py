@@ -23,11 +23,11 @@ from shards import model_inputs
 from training.checkpoint import layout
 from training.config_loader import ConfigError, load_section, read_container, to_container
 from training.evaluation.benchmarks import BENCHMARKS, BenchmarkSplit
+from training.evaluation.config import EvalJob
 from training.evaluation.encode import resolve_device
 from training.evaluation.methods import METHODS
 from training.evaluation.scoring import MODEL, EncodeSettings, SplitScores, combine_parts, score_split
 from training.evaluation.spans import phrase_span_finder
-from training.job import JobConfig
 from training.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _benchmark_entry(
 class Evaluator:
     """Scores checkpoints of one run on the configured benchmarks; benchmark files are read once and reused."""
 
-    def __init__(self, config: JobConfig, benchmarks: list[str] | None = None) -> None:
+    def __init__(self, config: EvalJob, benchmarks: list[str] | None = None) -> None:
         self.config = config
         self.benchmarks = list(benchmarks if benchmarks is not None else config.eval.benchmarks)
         self.device = resolve_device(config.eval.device)

@@ -201,7 +201,11 @@ class ConTextCIR(nn.Module):
         with_maps = np_spans is not None and np_mask is not None and np_mask.shape[1] > 0
         concepts = self._concepts(np_spans, np_mask, ids.shape[1]) if with_maps else None
         query, maps = self._query(reference.tokens, keys, concepts)
-        outputs = {"fused/query": query, "img/target": self.gallery_embedding(target), "img/reference": self.gallery_embedding(reference)}
+        outputs = {
+            "fused/query": query,
+            "img/target": self.gallery_embedding(target),
+            "img/reference": self.gallery_embedding(reference),
+        }
         if with_maps:
             outputs["fused/np_maps"] = maps
         if with_maps and np_ids is not None:

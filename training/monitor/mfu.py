@@ -18,9 +18,7 @@ def _transformer_flops(tokens: int, width: int, layers: int, mlp_width: int) -> 
     return layers * (2 * tokens * (4 * width * width + 2 * width * mlp_width) + 4 * tokens * tokens * width)
 
 
-def analytic_step_flops(
-    objective: Any, batch_size: int, text_tokens: int, nps: int, np_tokens: int
-) -> float:
+def analytic_step_flops(objective: Any, batch_size: int, text_tokens: int, nps: int, np_tokens: int) -> float:
     """Matmul FLOPs of one efficient step: 3x forward for the main pass (forward + backward), 1x for the NP pass.
 
     Args:
@@ -55,5 +53,3 @@ def analytic_step_flops(
     main = batch_size * (2 * image + text_flops(text_tokens) + fusion_flops(queries, text_tokens, True) + pooler)
     isolated = batch_size * nps * (text_flops(np_tokens) + fusion_flops(patches, np_tokens, False))
     return float(3 * main + isolated)
-
-

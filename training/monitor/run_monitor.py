@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.job import JobConfig
 from training.monitor.attention_images import attention_grid
+from training.monitor.config import LoggingConfig
 from training.monitor.mfu import peak_bf16_flops
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,37 @@ def _finite_or_none(value: float) -> float | None:
 class Monitor:
     """Logs every step on rank 0; other ranks only join the collective parts (none, unless ZeRO-3 images)."""
 
-    def __init__(self, config: JobConfig, rank: int, start_step: int, model: torch.nn.Module, device) -> None:
-        self.config = config
+    def __init__(
+        self,
+        settings: LoggingConfig,
+        run_dir: str | Path,
+        *,
+        total_steps: int,
+        global_batch: int,
+        backbone: str,
+        rank: int,
+        start_step: int,
+        model: torch.nn.Module,
+        device,
+        partitioned: bool = False,
+    ) -> None:
+        """
+        Args:
+            settings: the `logging` section.
+            run_dir: where `tensorboard/` and `metrics.jsonl` go (rank 0 writes).
+            total_steps: the run's length, for the console line.
+            global_batch: triplets per step, for the throughput.
+            backbone: open_clip model name (the attention images undo its normalisation).
+            rank, start_step: this rank, and the step the run (re)starts from.
+            model: the network, for the attention-map images.
+            partitioned: weights are partitioned (ZeRO-3), so every rank joins the attention-image forward.
+        """
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+        self.backbone = backbone
+        self.partitioned = partitioned
         self.rank = rank
         self.model = model
         self.device = torch.device(device)
@@ -61,7 +90,7 @@ class Monitor:
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            run_dir = config.run_dir
+            run_dir = self.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             # purge_step drops events a crashed attempt logged after the checkpoint we resume from.
             self.writer = SummaryWriter(
@@ -74,8 +103,8 @@ class Monitor:
     def _peak_flops(self) -> float | None:
         if self.device.type != "cuda":
             return None
-        if self.config.logging.peak_tflops:
-            return self.config.logging.peak_tflops * 1e12
+        if self.settings.peak_tflops:
+            return self.settings.peak_tflops * 1e12
         name = torch.cuda.get_device_name(self.device)
         peak = peak_bf16_flops(name)
         if peak is not None:
@@ -113,7 +142,7 @@ class Monitor:
             data_wait: seconds spent waiting for the step's batches.
             batch: the step's first micro-batch on this rank (for the attention-map images).
         """
-        step, every = state.step, self.config.logging
+        step, every = state.step, self.settings
         if step % every.image_every == 0:
             self._log_attention(step, batch)
         if self.rank != 0:
@@ -137,7 +166,7 @@ class Monitor:
         scalars |= {
             "train/lr": result.lr,
             "train/skipped_steps": state.skipped_steps,
-            "perf/triplets_per_s": self.config.train.global_batch / step_time,
+            "perf/triplets_per_s": self.global_batch / step_time,
             "perf/step_time_s": step_time,
             "perf/data_wait_frac": data_wait / step_time,
         }
@@ -153,7 +182,7 @@ class Monitor:
         logger.info(
             "step %d/%d loss %.4f lr %.3g grad %s skipped %d | %.1f triplets/s %.3f s/step data %.0f%%",
             step,
-            self.config.train.steps,
+            self.total_steps,
             result.metrics.get("loss", float("nan")),
             result.lr,
             "n/a" if result.grad_norm is None else f"{result.grad_norm:.3g}",
@@ -166,10 +195,9 @@ class Monitor:
     @torch.no_grad()
     def _log_attention(self, step: int, batch: dict[str, Any]) -> None:
         """NP attention maps of the first `logging.num_images` samples, drawn over their reference images."""
-        partitioned = self.config.deepspeed.zero_stage == 3  # every rank must run the forward to gather weights
-        if self.rank != 0 and not partitioned:
+        if self.rank != 0 and not self.partitioned:  # with ZeRO-3 every rank runs the forward to gather weights
             return
-        count = min(self.config.logging.num_images, batch["reference_image"].shape[0])
+        count = min(self.settings.num_images, batch["reference_image"].shape[0])
         tensors = {
             name: batch[name][:count].to(self.device)
             for name in ("reference_image", "caption_ids", "np_spans", "np_mask")
@@ -187,7 +215,7 @@ class Monitor:
             maps.float().cpu(),
             tensors["np_mask"].cpu(),
             batch["noun_phrases"][:count],
-            self.config.model.backbone,
+            self.backbone,
         )
         self.writer.add_image("attention/np_maps", np.asarray(grid), step, dataformats="HWC")
         self.writer.flush()

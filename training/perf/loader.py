@@ -10,10 +10,10 @@ from typing import Any
 from tqdm import tqdm
 
 from shards.stream.reader import build_reader
-from training.job import JobConfig
+from training.trainer.job import TrainJob
 
 
-def loader_benchmark(config: JobConfig, seconds: float) -> dict[str, Any]:
+def loader_benchmark(config: TrainJob, seconds: float) -> dict[str, Any]:
     """Stream rank 0 of a one-rank reader for `seconds` and measure its throughput.
 
     The clock starts after the first batch, so worker start-up and the first shuffle-buffer fill are reported
@@ -66,5 +66,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to stream after the first batch")
 
 
-def run(config: JobConfig, args: argparse.Namespace) -> dict[str, Any]:
+def run(config: TrainJob, args: argparse.Namespace) -> dict[str, Any]:
     return loader_benchmark(config, seconds=args.seconds)

@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from shards.model_inputs import image_size
-from training.job import JobConfig
 from training.monitor.mfu import analytic_step_flops, peak_bf16_flops
 from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
+from training.trainer.job import TrainJob
 
 logger = logging.getLogger(__name__)
 SOT, EOT = 49406, 49407
@@ -67,7 +67,7 @@ def synthetic_batch(
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def step_benchmark(config: JobConfig, repeats: int, nps: int) -> dict[str, Any]:
+def step_benchmark(config: TrainJob, repeats: int, nps: int) -> dict[str, Any]:
     """Time forward + backward of one training step for each variant; see the module docstring.
 
     Returns:
@@ -161,5 +161,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nps", type=int, default=10, help="noun phrases per caption")
 
 
-def run(config: JobConfig, args: argparse.Namespace) -> dict[str, Any]:
+def run(config: TrainJob, args: argparse.Namespace) -> dict[str, Any]:
     return step_benchmark(config, repeats=args.repeats, nps=args.nps)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from training.engine.config import BatchGeometry
+
 
 @dataclass
 class TrainConfig:
@@ -26,16 +28,10 @@ class TrainConfig:
         if self.max_consecutive_skips < 1:
             raise ValueError("train.max_consecutive_skips must be >= 1")
 
-    def accumulation_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each of `world_size` ranks.
+    def geometry(self, world_size: int) -> BatchGeometry:
+        """This run's batch split over `world_size` ranks.
 
         Raises:
             ValueError: the global batch does not split into micro-batch x accumulation x world size.
         """
-        per_pass = self.micro_batch * world_size
-        if self.global_batch % per_pass:
-            raise ValueError(
-                f"train.global_batch={self.global_batch} is not divisible by train.micro_batch ({self.micro_batch}) "
-                f"x world size ({world_size} ranks, cluster.num_workers) = {per_pass}"
-            )
-        return self.global_batch // per_pass
+        return BatchGeometry(self.global_batch, self.micro_batch, world_size)

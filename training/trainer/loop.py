@@ -16,7 +16,7 @@ import torch
 from training.checkpoint.checkpointer import Checkpointer
 from training.engine.deepspeed_engine import local_grad_norm
 from training.engine.distributed import all_reduce_sum, keys_digest, rank_and_world
-from training.job import JobConfig
+from training.trainer.job import TrainJob
 from training.trainer.state import TrainState
 
 
@@ -80,7 +80,7 @@ class LoopContext:
     reader: Any
     monitor: Any
     checkpointer: Checkpointer
-    config: JobConfig
+    config: TrainJob
     device: torch.device
     state: TrainState = field(default_factory=TrainState)
     """Mutated in place: the checkpointer saves and restores this same object."""

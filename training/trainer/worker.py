@@ -14,10 +14,10 @@ from training.checkpoint import layout
 from training.checkpoint.checkpointer import Checkpointer
 from training.checkpoint.pieces import ConsolidatedWeights, EngineState, ResolvedConfig, RngState
 from training.config_loader import to_yaml
-from training.engine.deepspeed_engine import build_engine
+from training.engine.deepspeed_engine import build_engine, deepspeed_config
 from training.engine.distributed import rank_and_world
-from training.job import JobConfig
 from training.monitor.run_monitor import Monitor
+from training.trainer.job import TrainJob
 from training.trainer.loop import LoopContext, run
 from training.trainer.state import TrainState
 
@@ -30,7 +30,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_checkpointer(config: JobConfig, engine, model: torch.nn.Module, reader, state: TrainState) -> Checkpointer:
+def build_monitor(config: TrainJob, rank: int, start_step: int, model: torch.nn.Module, device) -> Monitor:
+    """The rank's monitor: TensorBoard, metrics.jsonl and the console (rank 0 writes)."""
+    return Monitor(
+        config.logging,
+        config.run_dir,
+        total_steps=config.train.steps,
+        global_batch=config.train.global_batch,
+        backbone=config.model.backbone,
+        rank=rank,
+        start_step=start_step,
+        model=model,
+        device=device,
+        partitioned=config.deepspeed.zero_stage == 3,
+    )
+
+
+def build_checkpointer(config: TrainJob, engine, model: torch.nn.Module, reader, state: TrainState) -> Checkpointer:
     """The run's checkpoints as named pieces: engine (model, AdamW, schedule), weights, config, reader, RNG, train."""
     return Checkpointer(
         config.run_dir,
@@ -45,11 +61,11 @@ def build_checkpointer(config: JobConfig, engine, model: torch.nn.Module, reader
     )
 
 
-def train_worker(config: JobConfig, local_rank: int | None = None) -> TrainState:
+def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
     """Train this rank until `train.steps`, resuming from the run's latest complete checkpoint when there is one.
 
     Args:
-        config: the validated job config (same on every rank).
+        config: the validated config (same on every rank).
         local_rank: this rank's GPU index on its node; defaults to `$LOCAL_RANK` or 0.
 
     Returns:
@@ -82,7 +98,9 @@ def train_worker(config: JobConfig, local_rank: int | None = None) -> TrainState
         load_model_weights(objective.model, config.model.init_from)
         logger.info("initialised weights from %s", config.model.init_from)
     objective.to(device)
-    engine, _, _ = build_engine(objective, config, world)
+    engine, _, _ = build_engine(
+        objective, config.optim, deepspeed_config(config.deepspeed, config.batch, config.use_gpu)
+    )
     reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
     seed_everything(config.train.seed + 1 + rank)  # per-rank streams from here on
     state = TrainState()
@@ -92,7 +110,7 @@ def train_worker(config: JobConfig, local_rank: int | None = None) -> TrainState
         logger.info("resumed from %s at step %d", resume[1], state.step)
     elif rank == 0:
         logger.info("starting run %s from scratch", config.run_dir)
-    monitor = Monitor(config, rank, state.step, objective.model, device)
+    monitor = build_monitor(config, rank, state.step, objective.model, device)
     try:
         run(LoopContext(engine, reader, monitor, checkpointer, config, device, state))
     finally:

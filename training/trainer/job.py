@@ -1,7 +1,8 @@
-"""What the training package reads of a job's config.
+"""What the training job reads of its config.
 
 The root schema composes every package's section, so it lives in `cluster` (`cluster.root_config.RootConfig`),
-above this package; training code is written against this protocol instead and never reaches up to it.
+above this package. The training job is written against this protocol instead, and hands each component below it
+only its own section.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ from typing import Protocol
 
 from shards.config import DataConfig
 from training.checkpoint.config import CheckpointConfig
-from training.engine.config import DeepSpeedConfig, OptimConfig
-from training.evaluation.config import EvalConfig
+from training.engine.config import BatchGeometry, DeepSpeedConfig, OptimConfig
 from training.model.config import ModelConfig
 from training.monitor.config import LoggingConfig
 from training.objectives.config import LossConfig
 from training.trainer.config import TrainConfig
 
 
-class JobConfig(Protocol):
-    """The sections training reads, plus the run's identity and width (from the cluster section)."""
+class TrainJob(Protocol):
+    """The sections a training job reads, plus the run's identity and width (from the cluster section)."""
 
     model: ModelConfig
     data: DataConfig
@@ -30,7 +30,6 @@ class JobConfig(Protocol):
     train: TrainConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
-    eval: EvalConfig
 
     @property
     def world_size(self) -> int:
@@ -41,13 +40,13 @@ class JobConfig(Protocol):
         """One GPU per rank."""
 
     @property
+    def batch(self) -> BatchGeometry:
+        """The global batch split over the ranks."""
+
+    @property
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step on each rank."""
 
     @property
-    def run_name(self) -> str:
-        """The run's name (resubmitting it resumes)."""
-
-    @property
     def run_dir(self) -> Path:
-        """Where the run's checkpoints, TensorBoard events and eval results live."""
+        """Where the run's checkpoints, TensorBoard events and metrics live."""
