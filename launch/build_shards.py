@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from shards.build.builder import build_shards
-    from shards.build.noun_phrases import NounPhraseError
-    from shards.build.sources import SourceError
+    from shards.builder.noun_phrases import NounPhraseError
+    from shards.builder.shard_set import build_shards
+    from shards.builder.sources import SourceError
 
     try:
         report = build_shards(config.data, config.model.backbone)

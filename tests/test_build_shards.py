@@ -17,7 +17,7 @@ from PIL import Image
 from raw_dataset_fixtures import write_cirr, write_lasco, write_manifest
 
 from launch import build_shards as build_shards_launcher
-from shards.build.builder import build_shards
+from shards.builder.shard_set import build_shards
 from shards.config import DataConfig, NounPhraseConfig, SourceConfig
 from shards.format import FIELDS, ShardIndex, decode_tokens, file_sha256, split_member_name
 from shards.model_inputs import TINY_BACKBONE, tokenizer, tokenizer_name

@@ -9,7 +9,7 @@ import pytest
 from stanza.models.common.doc import Document
 from stanza.models.constituency.tree_reader import read_trees
 
-from shards.build.noun_phrases import (
+from shards.builder.noun_phrases import (
     NounPhraseError,
     align_leaves,
     extract_from_trees,

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from raw_dataset_fixtures import write_cirr, write_lasco, write_manifest
 
-from shards.build.sources import SourceError, mixture, read_cirr, read_jsonl, read_lasco, read_source
+from shards.builder.sources import SourceError, mixture, read_cirr, read_jsonl, read_lasco, read_source
 from shards.config import SourceConfig
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shards.build.noun_phrases import NounPhrase
-from shards.build.tokens import MISALIGNED, TOO_LONG, TRUNCATED, CaptionTokenizer
+from shards.builder.noun_phrases import NounPhrase
+from shards.builder.tokens import MISALIGNED, TOO_LONG, TRUNCATED, CaptionTokenizer
 from shards.model_inputs import TINY_BACKBONE, tokenizer
 
 

@@ -1,7 +1,7 @@
 """Building a shard set: sources -> mixture -> noun phrases -> seeded shard plan -> tar shards in parallel -> index.
 
 The plan (which triplet goes into which shard, in which order) depends only on the config and the raw data, so
-the same seed gives the same bytes. Shards are written by `shards.build.writer` in parallel processes; a re-run
+the same seed gives the same bytes. Shards are written by `shards.builder.writer` in parallel processes; a re-run
 reuses every shard whose sidecar matches its plan and whose bytes still hash right, and rebuilds the rest.
 """
 
@@ -21,11 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.model_inputs import CONTEXT_LENGTH, tokenizer_name
-from shards.config import DataConfig, NounPhraseConfig, SourceConfig
-from shards.format import SCHEMA_VERSION, ShardEntry, ShardIndex, file_sha256, sanitize_key, shard_name
-from shards.build.noun_phrases import Extraction, NounPhrase, extract_noun_phrases, stanza_model_dir
-from shards.build.writer import (
+from shards.builder.noun_phrases import Extraction, NounPhrase, extract_noun_phrases, stanza_model_dir
+from shards.builder.sources import SourceError, Triplet, mixture, read_source
+from shards.builder.tokens import TRUNCATED
+from shards.builder.writer import (
     SampleSpec,
     ShardResult,
     ShardTask,
@@ -33,8 +32,9 @@ from shards.build.writer import (
     write_json_atomically,
     write_shard,
 )
-from shards.build.sources import SourceError, Triplet, mixture, read_source
-from shards.build.tokens import TRUNCATED
+from shards.config import DataConfig, NounPhraseConfig, SourceConfig
+from shards.format import SCHEMA_VERSION, ShardEntry, ShardIndex, file_sha256, sanitize_key, shard_name
+from shards.model_inputs import CONTEXT_LENGTH, tokenizer_name
 
 logger = logging.getLogger(__name__)
 

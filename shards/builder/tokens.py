@@ -18,8 +18,8 @@ import numpy as np
 import open_clip
 import regex
 
+from shards.builder.noun_phrases import NounPhrase
 from shards.model_inputs import CONTEXT_LENGTH, tokenizer
-from shards.build.noun_phrases import NounPhrase
 
 # Reasons a noun phrase gets no span; `truncated` is the one the index reports as truncated_nps.
 TRUNCATED = "truncated"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from shards.builder.noun_phrases import NounPhrase
+from shards.builder.tokens import CaptionTokenizer
 from shards.format import encode_sample, file_sha256
-from shards.build.noun_phrases import NounPhrase
-from shards.build.tokens import CaptionTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Token spans of a query's grounded noun phrases, from the shard builder's character-offset span computation.
 
-The eval job must find each noun phrase's tokens exactly as training did, so it reuses `shards.build.tokens`
+The eval job must find each noun phrase's tokens exactly as training did, so it reuses `shards.builder.tokens`
 (character offsets, not the first matching token subsequence) instead of a second implementation.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from shards.build.noun_phrases import NounPhrase
-from shards.build.tokens import CaptionTokenizer
+from shards.builder.noun_phrases import NounPhrase
+from shards.builder.tokens import CaptionTokenizer
 from shards.model_inputs import CONTEXT_LENGTH
 from training.evaluation.benchmarks.base import GroundedPhrase
 from training.evaluation.encode import SpanFinder
