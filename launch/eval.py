@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv == ["--list"]:
+    if "--list" in argv:
         from training.evaluation.catalog import benchmark_table, method_table
 
         print(benchmark_table(), method_table(), sep="\n\n")
