@@ -115,7 +115,7 @@ def test_checkpointer_saves_named_pieces_and_loads_each_back(tmp_path):
     assert saved == {
         "version": 1,
         "world_size": 1,
-        "train": {"step": 5, "samples_seen": 40, "skipped_steps": 0, "consecutive_skips": 0},
+        "train": {"step": 5, "samples_seen": 40, "skipped_steps": 0, "consecutive_skips": 0, "data_digest": ""},
         "ranks": [{"reader": {"value": 11}}],
     }  # the layout every earlier checkpoint has: they load back the same way
 

@@ -3,6 +3,7 @@ everywhere without touching parameters or Adam moments, counted, and abort the r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -52,8 +53,15 @@ def test_deepspeed_config_from_the_root_config():
         ["cluster.use_gpu=true", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true", "cluster.num_workers=1"],
     )
     ds = deepspeed_config(gpu.deepspeed, gpu.batch, gpu.use_gpu)
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # bf16 matmuls, but gradients reduced in fp32: no module is tagged for a bf16 reduction.
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert ds["communication_data_type"] == "fp32"
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000  # ~0.9 GB of buckets with overlap_comm
+    halves = deepspeed_config(dataclasses.replace(gpu.deepspeed, reduce_dtype="bf16"), gpu.batch, True)
+    assert (
+        halves["communication_data_type"] == "bf16" and "lower_precision_safe_modules" not in halves["torch_autocast"]
+    )
     with pytest.raises(ValueError, match="world size"):
         deepspeed_config(config.deepspeed, config.train.geometry(world_size=3), False)
     with pytest.raises(ConfigError, match="global_batch"):
@@ -172,3 +180,31 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     logged = read_metrics(tmp_path / "runs" / "test")
     assert [logged[s]["skipped"] for s in (1, 2)] == [True, True]
     assert logged[2]["skipped_steps"] == 2 and logged[2]["loss"] is None
+
+
+def _reduce_dtypes_rank(rank: int, world: int, overrides: list[str]) -> dict:
+    from training.engine.deepspeed_engine import build_engine
+    from training.objectives.context_cir import ConTextObjective
+
+    config = load_config(TINY, overrides)
+    objective = ConTextObjective(config.model, config.loss)
+    engine, _, _ = build_engine(objective, config.optim, deepspeed_config(config.deepspeed, config.batch, True))
+    tagged = sorted({str(p.comm_dtype) for p in engine.module.parameters() if hasattr(p, "comm_dtype")})
+    return {"tagged": tagged, "engine": str(engine.communication_data_type)}
+
+
+@pytest.mark.slow
+def test_bf16_autocast_reduces_gradients_in_fp32_under_zero(tmp_path):
+    """DeepSpeed's autocast mode tags Linear/Conv weights for a bf16 reduction; ours tags none (reduce_dtype=fp32)."""
+    from dist_harness import run_ranks
+
+    overrides = [
+        f"data.shards_dir={tmp_path}",
+        "cluster.num_workers=1",
+        "deepspeed.zero_stage=2",
+        "train.global_batch=32",
+    ]
+    (result,) = run_ranks(_reduce_dtypes_rank, 1, (overrides,))
+    assert result == {"tagged": [], "engine": "torch.float32"}
+    (halves,) = run_ranks(_reduce_dtypes_rank, 1, ([*overrides, "deepspeed.reduce_dtype=bf16"],))
+    assert halves["tagged"] == ["torch.bfloat16"]

@@ -176,7 +176,7 @@ def test_fused_empty_gallery_is_the_query_path_with_an_empty_caption():
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_local_open_clip_weights_file_gives_bitwise_equal_towers(tmp_path, suffix):
     torch.manual_seed(123)
-    source = build_backbone("ContextTiny").clip
+    source = build_backbone(ModelConfig(backbone="ContextTiny")).clip
     path = tmp_path / f"open_clip_model{suffix}"
     state = {name: tensor.contiguous() for name, tensor in source.state_dict().items()}
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
@@ -235,7 +235,7 @@ def test_cached_pretrained_tag_loads_from_disk_without_the_network(tmp_path, mon
     # A tag whose weights sit in the Hugging Face cache layout is loaded from there, with the hub off and every
     # connection refused. ContextTiny has no real tags, so the test gives it one.
     torch.manual_seed(5)
-    source = build_backbone("ContextTiny").clip
+    source = build_backbone(ModelConfig(backbone="ContextTiny")).clip
     snapshot = tmp_path / "models--test-org--context-tiny" / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
     save_file(
@@ -297,3 +297,67 @@ def test_unused_clip_parameters_are_frozen():
     )
     (outputs["fused/query"].sum() + outputs["img/target"].sum() + outputs["fused/np_maps"].sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lse_fallback_counts_the_lse_gradient_once(monkeypatch):
+    """A device without the fused lse kernel falls back to explicit scores; gradients stay those of the kernel path."""
+    from training.model import fusion
+
+    block, tokens, text, valid, concepts = _fusion_inputs(seed=3)
+    keys = TextKeys(text, valid)
+
+    def gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        block.zero_grad(set_to_none=True)
+        query_tokens = tokens.clone().requires_grad_(True)
+        out, maps = block(query_tokens, keys, concepts)
+        (out.square().sum() + 10 * maps.square().sum()).backward()
+        return maps.detach(), [query_tokens.grad, *(p.grad.clone() for p in block.parameters())]
+
+    kernel_maps, kernel_grads = gradients()
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("_scaled_dot_product_efficient_attention: this dtype is not supported on this device")
+
+    monkeypatch.setattr(fusion, "_kernel_with_lse", unsupported)
+    fallback_maps, fallback_grads = gradients()
+    torch.testing.assert_close(fallback_maps, kernel_maps, atol=1e-6, rtol=0)
+    ratio = (
+        torch.cat([g.flatten() for g in fallback_grads]).norm() / torch.cat([g.flatten() for g in kernel_grads]).norm()
+    )
+    assert abs(float(ratio) - 1.0) < 1e-5, float(ratio)  # was 2.0 on the maps' part: the fallback lse had a gradient
+    for fallback, kernel in zip(fallback_grads, kernel_grads):
+        torch.testing.assert_close(fallback, kernel, atol=1e-5, rtol=1e-4)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(fusion, "_kernel_with_lse", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # never hidden behind a slower path
+        block(tokens, keys, concepts)
+
+
+def test_concept_maps_stay_fp32_under_bf16_autocast():
+    model = build_model(TINY).eval()
+    batch = make_batch([12, 20], [3, 4])
+    arguments = [batch[name] for name in ("reference_image", "caption_ids", "target_image", "np_spans", "np_mask")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(*arguments, batch["np_ids"])
+        maps = model.concept_maps(*arguments[:2], batch["np_spans"], batch["np_mask"])
+    assert outputs["fused/np_maps"].dtype == torch.float32
+    assert outputs["fused/np_maps_isolated"].dtype == torch.float32
+    assert maps.dtype == torch.float32
+
+
+def test_towers_rebuild_with_the_activation_of_their_weights():
+    """A tag trained with QuickGELU (OpenAI's) is recorded as such, and a rebuild without the tag keeps it."""
+    from open_clip.transformer import QuickGELU
+
+    from training.model.towers import tag_quick_gelu, with_tower_flags
+
+    assert tag_quick_gelu("ViT-B-32", "openai") and not tag_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+    assert with_tower_flags(ModelConfig(backbone="ViT-B-32", pretrained="openai")).quick_gelu is True
+    assert with_tower_flags(ModelConfig(backbone="ContextTiny")).quick_gelu is False
+    quick = build_model(dataclasses.replace(TINY, quick_gelu=True))
+    plain = build_model(TINY)
+    assert isinstance(quick.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert not isinstance(plain.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)

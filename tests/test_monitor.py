@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from shard_fixtures import write_shard_set
 from test_engine import TINY, tiny_overrides
@@ -41,7 +42,7 @@ def test_monitor_logs_scalars_metrics_and_attention_grid(tmp_path):
     for step in (1, 2):
         state = TrainState(step=step, samples_seen=4 * step, skipped_steps=step - 1)
         result = StepResult(dict(metrics, loss=float("nan") if step == 2 else 2.5), 1e-3, 0.5, step == 2, "abc")
-        monitor.log_step(state, result, step_time=0.5, data_wait=0.1, batch=batch)
+        monitor.log_step(state, result, step_time=0.5, data_wait=0.1, batches=[batch])
     monitor.close()
 
     events = EventAccumulator(str(tmp_path / "runs" / "test" / "tensorboard"), size_guidance={"images": 0})
@@ -83,3 +84,54 @@ def test_attention_grid_draws_each_phrase_map_over_its_image():
     assert first[:8, :8].mean() > first[-8:, -8:].mean()  # hot where the phrase attends
     assert second[-8:, -8:].mean() > second[:8, :8].mean()
     assert grid.shape == (2 * (TILE + 18) + 4, 3 * cell + 4, 3)
+
+
+def _counted_flops(objective, batch) -> float:
+    """FLOPs torch's counter sees in one forward + backward, CPU flash attention included."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(
+            q, k, v
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
+            sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        outputs = objective(batch)
+        sum(value for name, value in outputs.items() if name.endswith("_loss")).backward()
+    return float(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("nps,lambda_cc", [(3, 0.08), (10, 0.08), (3, 0.0)])
+def test_analytic_step_flops_match_the_counted_ones_without_recompute(nps, lambda_cc) -> None:
+    from shards.model_inputs import image_size
+    from training.monitor.mfu import StepShape, step_flops
+    from training.objectives.context_cir import ConTextObjective
+    from training.perf.step import synthetic_batch
+
+    config = load_config(TINY, [f"loss.lambda_cc={lambda_cc}"])
+    torch.manual_seed(0)
+    objective = ConTextObjective(config.model, config.loss)
+    batch = synthetic_batch(8, nps, 10, 16, image_size("ContextTiny"), torch.device("cpu"))
+    analytic = step_flops(objective.model, StepShape.of(batch), text_cc=lambda_cc > 0)
+    counted = _counted_flops(objective, batch)
+    assert abs(analytic / counted - 1) < 0.05, (analytic, counted)
+    # Activation checkpointing recomputes the towers' forward: more work done, the same model FLOPs.
+    objective.model.backbone.set_grad_checkpointing(True)
+    assert _counted_flops(objective, batch) > 1.1 * counted
+    assert step_flops(objective.model, StepShape.of(batch), text_cc=lambda_cc > 0) == analytic
+
+
+def test_device_peaks_tell_sxm_from_pcie_and_take_an_override() -> None:
+    from training.monitor.mfu import peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == peak_bf16_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("NVIDIA A10G") is None and peak_bf16_flops("Some Future GPU") is None
+    assert peak_bf16_flops("NVIDIA H100 PCIe", override_tflops=500) == 500e12

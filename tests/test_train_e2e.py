@@ -150,6 +150,12 @@ def start_events(run_dir: Path) -> list[dict]:
     return [record for record in map(json.loads, lines) if record.get("event") == "start"]
 
 
+def data_digest(run_dir: Path) -> str:
+    """Every rank's sample keys up to the final checkpoint, combined (rank 0's alone are in the trajectory)."""
+    state = json.loads((layout.checkpoint_dir(run_dir, STEPS) / layout.TRAINER_STATE).read_text())
+    return state["train"]["data_digest"]
+
+
 def starts(run_dir: Path) -> list[int]:
     return [record["from_step"] for record in start_events(run_dir)]
 
@@ -171,6 +177,7 @@ def test_job_trains_publishes_checkpoints_and_tensorboard(clean_run):
         assert (final / piece).exists(), piece
     state = json.loads((final / layout.TRAINER_STATE).read_text())
     assert state["train"]["step"] == STEPS and state["train"]["samples_seen"] == STEPS * 8
+    assert len(state["train"]["data_digest"]) == 16
     assert len(state["ranks"]) == 2
     assert [step for step, *_ in trajectory(clean_run)] == list(range(1, STEPS + 1))
     assert not any(record["skipped"] for record in read_metrics(clean_run).values())
@@ -192,6 +199,7 @@ def test_resubmitted_run_continues_exactly(ray_head, workspace, clean_run):
     assert "resumed from" in output
     assert starts(run_dir) == [0, 2]
     assert trajectory(run_dir) == trajectory(clean_run)  # same losses, lrs and samples, step for step
+    assert data_digest(run_dir) == data_digest(clean_run)  # and every rank read the same samples
 
 
 def test_worker_killed_mid_run_restarts_from_the_latest_complete_checkpoint(ray_head, workspace, clean_run):
@@ -215,3 +223,4 @@ def test_worker_killed_mid_run_restarts_from_the_latest_complete_checkpoint(ray_
     assert starts(run_dir) == [0, resumable]  # one restart, from the latest complete checkpoint
     assert layout.latest_complete(run_dir)[0] == STEPS
     assert trajectory(run_dir) == trajectory(clean_run)
+    assert data_digest(run_dir) == data_digest(clean_run)

@@ -2,7 +2,8 @@
 
 Precision, ZeRO, accumulation and clipping live here and in the config, never as branches in the loop.
 bf16 is DeepSpeed's `torch_autocast` mode: fp32 master weights, bf16 matmuls inside the forward, fp32 gradients
-into AdamW (as open_clip's `amp_bf16`). That keeps one optimizer path for every stage and precision, which is
+into AdamW (as open_clip's `amp_bf16`). Gradients are all-reduced in `deepspeed.reduce_dtype` (fp32 by default):
+DeepSpeed's autocast mode would otherwise tag every Linear and Conv weight to be reduced in bf16 under ZeRO. That keeps one optimizer path for every stage and precision, which is
 what lets the loop skip a non-finite step without touching the Adam moments: at stage 0 our `SkippableAdamW`
 obeys the loop's collective vote; under ZeRO the DeepSpeed optimizer also refuses non-finite gradients itself
 (from the global norm) before calling AdamW. Either way DeepSpeed counts the skip and holds the LR schedule back,
@@ -60,9 +61,13 @@ def deepspeed_config(section: DeepSpeedConfig, batch: BatchGeometry, use_gpu: bo
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": _NEVER_PRINT,
         "wall_clock_breakdown": False,
+        "communication_data_type": section.reduce_dtype,
     }
     if uses_bf16(section, use_gpu):
         result["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if section.reduce_dtype == "fp32":
+            # No module's weights are tagged for a bf16 reduction; `communication_data_type` then applies to all.
+            result["torch_autocast"]["lower_precision_safe_modules"] = []
     return result
 
 

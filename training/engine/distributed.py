@@ -63,8 +63,9 @@ def all_gather_json(value: Any) -> list[Any]:
     return [json.loads(item) for item in all_gather_bytes(json.dumps(value).encode())]
 
 
-def keys_digest(keys: list[str]) -> str:
-    """Digest of the sample keys every rank consumed in one step, in rank order: equal iff the data is."""
-    local = hashlib.sha256("\n".join(keys).encode()).digest()
-    combined = hashlib.sha256(b"".join(all_gather_bytes(local)))
+def chain_digests(previous: str, local: bytes) -> str:
+    """`previous` extended by every rank's `local` digest, in rank order (one collective: call it rarely)."""
+    combined = hashlib.sha256(previous.encode())
+    for digest in all_gather_bytes(local):
+        combined.update(digest)
     return combined.hexdigest()[:16]

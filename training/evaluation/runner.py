@@ -85,6 +85,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
     still evaluate.
     """
     from training.model.context_cir import build_model
+    from training.model.towers import with_tower_flags
     from training.model.weights import load_model_weights
 
     config_file, weights_file = checkpoint / layout.CONFIG, checkpoint / layout.WEIGHTS
@@ -95,9 +96,15 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
         saved = load_section(config_file, "model", ModelConfig)
     except ConfigError as error:
         raise CheckpointError(f"checkpoint config unusable: {error}") from error
-    # The weights file holds every parameter, so nothing may be fetched or initialised from elsewhere.
+    # The weights file holds every parameter, so nothing may be fetched or initialised from elsewhere; the tower
+    # flags the pretrained tag implied are resolved first (checkpoints from before they were recorded lack them).
     model_config = dataclasses.replace(
-        saved, pretrained=None, weights_file=None, init_from=None, compile=False, grad_checkpointing=False
+        with_tower_flags(saved),
+        pretrained=None,
+        weights_file=None,
+        init_from=None,
+        compile=False,
+        grad_checkpointing=False,
     )
     model = build_model(model_config)
     load_model_weights(model, weights_file)

@@ -20,6 +20,9 @@ class ModelConfig:
     """Local open_clip weights (`.safetensors`, or a state dict loaded with weights_only=True); wins over `pretrained`."""
     cache_dir: str | None = None
     """open_clip's download cache for `pretrained`."""
+    quick_gelu: bool | None = None
+    """QuickGELU activations in the towers; None follows the model and the pretrained tag (OpenAI's weights use
+    it). Checkpoints record the resolved value, so eval and export rebuild the same activation."""
     fusion_layers: int = 4
     """Cross-attention + FFN blocks in the fusion head."""
     fusion_heads: int = 8

@@ -223,7 +223,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> ConT
         ValueError: unknown backbone or tag, a weights file that does not fit, an incompatible tower.
         training.model.towers.PretrainedWeightsUnavailable: a pretrained tag that is neither cached nor downloadable.
     """
-    backbone = build_backbone(config.backbone, config.pretrained, config.weights_file, config.cache_dir, device)
+    backbone = build_backbone(config, device)
     backbone.set_grad_checkpointing(config.grad_checkpointing)
     empty = tokenizer(config.backbone)([""]).to(torch.device(device))
     with torch.device(device):

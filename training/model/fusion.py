@@ -154,35 +154,64 @@ def attention_eager(
 
 
 _warned_lse_fallback = False
+_UNAVAILABLE = ("not supported", "no available kernel", "not implemented", "no kernel image")
+"""Words of the errors a kernel raises when the device, dtype or shape has no implementation."""
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off: the maps feed an absolute-difference loss, so they stay fp32 (meta tensors have no autocast)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _kernel_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel that also returns the row log-sum-exp: CPU flash, or CUDA memory-efficient."""
+    if query.device.type != "cuda":  # CPU (and meta, for shape checks)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=mask, scale=scale
+        )
+    # The memory-efficient kernel wants its bias padded to 16 keys; expand it like SDPA's own front end does.
+    batch, heads, queries, keys = *query.shape[:3], key.shape[2]
+    padded = F.pad(mask, (0, (-keys) % 16))[..., :keys].expand(batch, heads, queries, keys)
+    efficient = torch.ops.aten._scaled_dot_product_efficient_attention
+    output, lse = efficient(query, key, value, padded, True, scale=scale)[:2]
+    return output, lse[..., :queries]
+
+
+def _kernel_unavailable(error: Exception) -> bool:
+    """True for a kernel's "not supported here" error; never for running out of memory or a real failure."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return isinstance(error, NotImplementedError) or any(words in str(error).lower() for words in _UNAVAILABLE)
 
 
 def attention_fused_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention that also returns each row's log-sum-exp (B,H,Q) in fp32 (no gradient through lse)."""
+    """Fused attention that also returns each row's log-sum-exp (B,H,Q) in fp32 (no gradient through lse).
+
+    Where the device has no such kernel, the output comes from plain SDPA and the lse from the scores, computed
+    without gradient like the kernel's, so `lse_with_gradient` adds its gradient exactly once.
+    """
     global _warned_lse_fallback
-    mask = _additive_mask(key_valid, query.dtype)
     scale = query.shape[-1] ** -0.5
-    if query.device.type != "cuda":  # CPU (and meta, for shape checks)
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, attn_mask=mask, scale=scale
-        )
-        return output, lse.float()
     try:
-        # The memory-efficient kernel wants its bias padded to 16 keys; expand it like SDPA's own front end does.
-        batch, heads, queries, keys = *query.shape[:3], key.shape[2]
-        padded = F.pad(mask, (0, (-keys) % 16))[..., :keys].expand(batch, heads, queries, keys)
-        output, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, padded, True, scale=scale
-        )[:2]
-        return output, lse[..., :queries].float()
-    except RuntimeError as error:  # e.g. a device without the kernel: stay correct, say it once
+        output, lse = _kernel_with_lse(query, key, value, _additive_mask(key_valid, query.dtype), scale)
+        return output, lse.float()
+    except (RuntimeError, NotImplementedError) as error:
+        if not _kernel_unavailable(error):
+            raise
         if not _warned_lse_fallback:
             logger.warning("fused attention with log-sum-exp unavailable (%s); computing lse explicitly", error)
             _warned_lse_fallback = True
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_valid[:, None, None, :])
+    with torch.no_grad():
         scores = (query @ key.transpose(-1, -2)).float() * scale
-        return output, scores.masked_fill(~key_valid[:, None, None, :], float("-inf")).logsumexp(dim=-1)
+        lse = scores.masked_fill(~key_valid[:, None, None, :], float("-inf")).logsumexp(dim=-1)
+    return output, lse
 
 
 def lse_with_gradient(
@@ -209,9 +238,7 @@ def column_probabilities(
     """(B,H,Q,C) fp32 attention probabilities of the key `columns` (B,C): exp(q.k_c * scale - lse); 0 on PAD."""
     batch, heads, _, head_dim = key.shape
     index = columns[:, None, :, None].expand(batch, heads, columns.shape[1], head_dim)
-    # Maps feed an absolute-difference loss: keep them fp32 even under autocast (none exists for meta tensors).
-    device_type = query.device.type
-    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext():
+    with _full_precision(query.device):
         picked = torch.gather(key, 2, index).float()
         scores = (query.float() @ picked.transpose(-1, -2)) * head_dim**-0.5
         scores = scores.masked_fill(~torch.gather(key_valid, 1, columns)[:, None, None, :], float("-inf"))
@@ -219,9 +246,10 @@ def column_probabilities(
 
 
 def maps_from_columns(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:
-    """(B, N, Q) per-NP maps: column probabilities averaged over each span's tokens and the heads."""
-    per_column = probabilities.mean(dim=1)  # (B, Q, C) averaged over heads
-    return torch.einsum("bqc,bnc->bnq", per_column, concepts.weights)
+    """(B, N, Q) fp32 per-NP maps: column probabilities averaged over each span's tokens and the heads."""
+    with _full_precision(probabilities.device):  # autocast would run the einsum's bmm in bf16
+        per_column = probabilities.float().mean(dim=1)  # (B, Q, C) averaged over heads
+        return torch.einsum("bqc,bnc->bnq", per_column, concepts.weights.float())
 
 
 def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:

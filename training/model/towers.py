@@ -13,6 +13,7 @@ within seconds with a message saying how to provide the weights, instead of wait
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
 from shards.model_inputs import model_config, register_project_models
+from training.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +131,38 @@ def load_open_clip_weights(clip_model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"model.weights_file={path} does not fit this open_clip model: {error}") from error
 
 
+def tag_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether open_clip model `name` with pretrained tag `pretrained` uses QuickGELU.
+
+    Some tags (OpenAI's, a few others) were trained with QuickGELU while the plain model name builds GELU; the
+    weights decide. Reads open_clip's tables only: nothing is downloaded.
+    """
+    register_project_models()
+    if model_config(name).get("quick_gelu", False):
+        return True
+    if not pretrained:
+        return False
+    return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
+
+
+def with_tower_flags(config: ModelConfig) -> ModelConfig:
+    """`config` with every flag needed to rebuild the towers resolved (`quick_gelu`), as checkpoints record it.
+
+    A checkpoint's weights file replaces the pretrained tag when it is evaluated or exported, so the activation the
+    tag implied must be written down explicitly.
+    """
+    if config.quick_gelu is not None:
+        return config
+    return dataclasses.replace(config, quick_gelu=tag_quick_gelu(config.backbone, config.pretrained))
+
+
 def create_open_clip(
     name: str,
     pretrained: str | None = None,
     weights_file: str | None = None,
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
+    quick_gelu: bool | None = None,
 ) -> nn.Module:
     """The open_clip model `name`: random init, a pretrained tag, or a local weights file (which wins).
 
@@ -144,6 +172,7 @@ def create_open_clip(
         weights_file: local open_clip checkpoint; when set, `pretrained` is ignored.
         cache_dir: open_clip's download cache.
         device: where to build; `meta` builds the architecture without allocating weights.
+        quick_gelu: QuickGELU activations; None follows the model and the pretrained tag (`tag_quick_gelu`).
 
     Raises:
         ValueError: unknown model or tag, or a weights file that does not fit.
@@ -152,7 +181,8 @@ def create_open_clip(
     register_project_models()
     model_config(name)  # a clear error naming the known models for an unknown name
     device = torch.device(device)
-    kwargs: dict = {"device": device}
+    use_quick_gelu = tag_quick_gelu(name, pretrained) if quick_gelu is None else quick_gelu
+    kwargs: dict = {"device": device, "force_quick_gelu": use_quick_gelu}
     tag = None if weights_file else pretrained
     if tag:
         pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
@@ -169,8 +199,6 @@ def create_open_clip(
             reason = _unreachable(_download_host(pretrained_cfg))
             if reason:
                 raise PretrainedWeightsUnavailable(_missing_weights_message(name, tag, f"not cached, {reason}"))
-        # Some tags were trained with QuickGELU while the plain model name uses GELU; follow the weights.
-        kwargs["force_quick_gelu"] = bool(pretrained_cfg.get("quick_gelu", False))
         # A cached file is loaded straight from disk: no request to the hub at all.
         kwargs.update(pretrained=cached or tag, cache_dir=cache_dir)
     try:
@@ -277,12 +305,9 @@ class ClipBackbone(nn.Module):
         return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
 
-def build_backbone(
-    name: str,
-    pretrained: str | None = None,
-    weights_file: str | None = None,
-    cache_dir: str | None = None,
-    device: str | torch.device = "cpu",
-) -> ClipBackbone:
-    """`ClipBackbone` over `create_open_clip(...)`; see there for the arguments and errors."""
-    return ClipBackbone(create_open_clip(name, pretrained, weights_file, cache_dir, device))
+def build_backbone(config: ModelConfig, device: str | torch.device = "cpu") -> ClipBackbone:
+    """`ClipBackbone` over `create_open_clip(...)` for the `model` section; see there for the errors."""
+    clip_model = create_open_clip(
+        config.backbone, config.pretrained, config.weights_file, config.cache_dir, device, config.quick_gelu
+    )
+    return ClipBackbone(clip_model)

@@ -2,13 +2,13 @@
 `metrics.jsonl`, and a console line every `logging.every` steps.
 
 `<run_dir>/metrics.jsonl` holds one JSON object per step: step, each loss term, lr, grad_norm, skipped, samples
-and a digest of the sample keys every rank consumed. A restarted attempt appends a `{"event": "start"}` line and
-then re-logs the steps after its checkpoint, so readers take the last record of each step (`read_metrics`).
+and a digest of the sample keys rank 0 consumed (every rank's keys are combined into `data_digest` in each
+checkpoint's train state). A restarted attempt appends a `{"event": "start"}` line (with rank 0's pid) and then
+re-logs the steps after its checkpoint, so readers take the last record of each step (`read_metrics`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -22,7 +22,7 @@ import torch
 
 from training.monitor.attention_images import attention_grid
 from training.monitor.config import LoggingConfig
-from training.monitor.mfu import peak_bf16_flops
+from training.monitor.mfu import StepShape, peak_bf16_flops, step_flops
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Monitor:
         model: torch.nn.Module,
         device,
         partitioned: bool = False,
+        text_cc: bool = True,
     ) -> None:
         """
         Args:
@@ -73,6 +74,7 @@ class Monitor:
             rank, start_step: this rank, and the step the run (re)starts from.
             model: the network, for the attention-map images.
             partitioned: weights are partitioned (ZeRO-3), so every rank joins the attention-image forward.
+            text_cc: the step computes the Text-CC maps and isolated pass (counted in perf/mfu).
         """
         self.settings = settings
         self.run_dir = Path(run_dir)
@@ -85,7 +87,7 @@ class Monitor:
         self.device = torch.device(device)
         self.writer = None
         self.metrics = None
-        self.flops_per_step: float | None = None
+        self.text_cc = text_cc
         self.peak_flops = self._peak_flops()
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -103,36 +105,17 @@ class Monitor:
     def _peak_flops(self) -> float | None:
         if self.device.type != "cuda":
             return None
-        if self.settings.peak_tflops:
-            return self.settings.peak_tflops * 1e12
         name = torch.cuda.get_device_name(self.device)
-        peak = peak_bf16_flops(name)
-        if peak is not None:
-            return peak
-        logger.warning("no bf16 peak known for %s: set logging.peak_tflops to get perf/mfu", name)
-        return None
-
-    def count_flops(self):
-        """Context for one training step: on the first step of a GPU run, count its FLOPs (for MFU)."""
-        if self.peak_flops is None or self.flops_per_step is not None:
-            return contextlib.nullcontext()
-        from torch.utils.flop_counter import FlopCounterMode
-
-        monitor = self
-
-        class _Counter(FlopCounterMode):
-            def __exit__(self, *args):
-                result = super().__exit__(*args)
-                monitor.flops_per_step = float(self.get_total_flops())
-                return result
-
-        return _Counter(display=False)
+        peak = peak_bf16_flops(name, self.settings.peak_tflops)
+        if peak is None:
+            logger.warning("no bf16 peak known for %s: set logging.peak_tflops to get perf/mfu", name)
+        return peak
 
     def _append(self, record: dict[str, Any]) -> None:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
 
-    def log_step(self, state, result, step_time: float, data_wait: float, batch: dict[str, Any]) -> None:
+    def log_step(self, state, result, step_time: float, data_wait: float, batches: list[dict[str, Any]]) -> None:
         """Record one finished step (every rank calls it; only rank 0 writes).
 
         Args:
@@ -140,11 +123,11 @@ class Monitor:
             result: the loop's `StepResult`.
             step_time: wall seconds of the step, data wait included.
             data_wait: seconds spent waiting for the step's batches.
-            batch: the step's first micro-batch on this rank (for the attention-map images).
+            batches: the step's micro-batches on this rank (attention-map images, the FLOPs of perf/mfu).
         """
         step, every = state.step, self.settings
         if step % every.image_every == 0:
-            self._log_attention(step, batch)
+            self._log_attention(step, batches[0])
         if self.rank != 0:
             return
         record = {
@@ -174,8 +157,10 @@ class Monitor:
             scalars["train/grad_norm"] = result.grad_norm
         if self.device.type == "cuda":
             scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if self.flops_per_step and self.peak_flops:
-                scalars["perf/mfu"] = self.flops_per_step / step_time / self.peak_flops
+            if self.peak_flops:
+                # Every rank runs the same model on equal batches: one rank's FLOPs over one GPU's peak.
+                flops = sum(step_flops(self.model, StepShape.of(batch), self.text_cc) for batch in batches)
+                scalars["perf/mfu"] = flops / step_time / self.peak_flops
         for name, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(name, value, step)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from shards.model_inputs import image_size
-from training.monitor.mfu import analytic_step_flops, peak_bf16_flops
+from training.monitor.mfu import StepShape, peak_bf16_flops, step_flops
 from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
 from training.trainer.job import TrainJob
@@ -142,9 +142,7 @@ def step_benchmark(config: TrainJob, repeats: int, nps: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step_s = run(efficient)
-        text_tokens = int((batch["caption_ids"] != 0).sum(dim=1).max())
-        np_tokens = int((batch["np_ids"] != 0).sum(dim=2).max())
-        flops = analytic_step_flops(objective, config.train.micro_batch, text_tokens, result["nps"], np_tokens)
+        flops = step_flops(objective.model, StepShape.of(batch), text_cc=objective.lambda_cc > 0)
         peak = peak_bf16_flops(torch.cuda.get_device_name(device))
         result.update(
             triplets_per_s=config.train.micro_batch / fastest["efficient"],

@@ -7,6 +7,7 @@ update, leaving parameters and Adam moments untouched, and the skip is counted. 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from training.checkpoint.checkpointer import Checkpointer
 from training.engine.deepspeed_engine import local_grad_norm
-from training.engine.distributed import all_reduce_sum, keys_digest, rank_and_world
+from training.engine.distributed import all_reduce_sum, chain_digests, rank_and_world
 from training.trainer.job import TrainJob
 from training.trainer.state import TrainState
 
@@ -36,7 +37,7 @@ class StepResult:
     """Global gradient 2-norm before clipping."""
     skipped: bool
     digest: str = ""
-    """Digest of the sample keys all ranks consumed (equal steps read equal data)."""
+    """Digest of the sample keys this rank consumed in the step (rank 0's is logged)."""
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -91,18 +92,22 @@ def run(context: LoopContext) -> TrainState:
     config, state, engine = context.config, context.state, context.engine
     accumulation = config.accumulation_steps
     batches = iter(context.reader)
+    # This rank's sample keys since the last checkpoint: hashed on the host, combined over ranks only when a
+    # checkpoint is written (no collective and no device sync per step).
+    segment = hashlib.sha256()
     while state.step < config.train.steps:
         started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accumulation)]
         data_wait = time.perf_counter() - started
-        with context.monitor.count_flops():
-            result = train_step(engine, micro_batches, context.device)
-        result.digest = keys_digest([key for batch in micro_batches for key in batch["keys"]])
+        result = train_step(engine, micro_batches, context.device)
+        keys = "\n".join(key for batch in micro_batches for key in batch["keys"]).encode()
+        result.digest = hashlib.sha256(keys).hexdigest()[:16]
+        segment.update(keys + b"\n")
         state.step += 1
         state.samples_seen += config.train.global_batch
         state.skipped_steps += result.skipped
         state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
-        context.monitor.log_step(state, result, time.perf_counter() - started, data_wait, micro_batches[0])
+        context.monitor.log_step(state, result, time.perf_counter() - started, data_wait, micro_batches)
         if state.consecutive_skips >= config.train.max_consecutive_skips:
             raise NonFiniteAbort(
                 f"aborting at step {state.step}: {state.consecutive_skips} consecutive steps had a non-finite loss "
@@ -110,5 +115,7 @@ def run(context: LoopContext) -> TrainState:
                 "check the data, or resume from an earlier checkpoint"
             )
         if state.step % config.checkpoint.every_steps == 0 or state.step == config.train.steps:
+            state.data_digest = chain_digests(state.data_digest, segment.digest())
+            segment = hashlib.sha256()
             context.checkpointer.save(state.step)
     return state

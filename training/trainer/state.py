@@ -18,11 +18,15 @@ class TrainState:
     """Steps skipped because the loss or a gradient was non-finite on some rank."""
     consecutive_skips: int = 0
     """Skipped steps in a row up to `step`."""
+    data_digest: str = ""
+    """Digest of every sample key every rank consumed up to `step`, extended at each checkpoint: two runs that
+    saw the same data in the same order have equal digests (checkpoints from before it existed start from "")."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the fields `state` holds; fields an older checkpoint lacks keep their defaults."""
         unknown = set(state) - {field.name for field in fields(self)}
         if unknown:
             raise ValueError(f"train state has unknown fields {sorted(unknown)}")

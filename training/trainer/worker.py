@@ -3,6 +3,7 @@ after setting up torch.distributed; tests call it under a plain gloo process gro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from training.checkpoint.pieces import ConsolidatedWeights, EngineState, Resolve
 from training.config_loader import to_yaml
 from training.engine.deepspeed_engine import build_engine, deepspeed_config
 from training.engine.distributed import rank_and_world
+from training.model.towers import with_tower_flags
 from training.monitor.run_monitor import Monitor
 from training.trainer.job import TrainJob
 from training.trainer.loop import LoopContext, run
@@ -43,6 +45,7 @@ def build_monitor(config: TrainJob, rank: int, start_step: int, model: torch.nn.
         model=model,
         device=device,
         partitioned=config.deepspeed.zero_stage == 3,
+        text_cc=config.loss.lambda_cc > 0,
     )
 
 
@@ -76,6 +79,7 @@ def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
         training.trainer.loop.NonFiniteAbort: `train.max_consecutive_skips` non-finite steps in a row.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = dataclasses.replace(config, model=with_tower_flags(config.model))  # checkpoints record the flags
     rank, world = rank_and_world()
     if world != config.world_size:
         raise ValueError(f"the process group has {world} ranks but cluster.num_workers={config.world_size}")
