@@ -2,6 +2,7 @@
 
     python launch/bench.py loader --config configs/tiny.yaml   # streaming reader throughput
     python launch/bench.py step   --config configs/tiny.yaml   # training step: efficient vs reference Text-CC, fused vs eager
+    python launch/bench.py eval   --config configs/tiny.yaml   # eval query encoding with vs without grounding
 
 Every ratio is measured side by side in one run; absolute figures only mean something on a GPU.
 """
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
-BENCHMARKS = {"loader": "training.perf.loader", "step": "training.perf.step"}
+BENCHMARKS = {"loader": "training.perf.loader", "step": "training.perf.step", "eval": "training.perf.eval_queries"}
 """Benchmark name -> module with `add_arguments(parser)` and `run(config, args) -> dict`."""
 
 

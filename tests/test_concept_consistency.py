@@ -155,12 +155,29 @@ def test_step_benchmark_reports_every_figure():
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", ["train.micro_batch=2", "train.global_batch=4"]
     )
-    result = step_benchmark(config, repeats=1, nps=3)
-    for key in ("cc_efficient_s", "cc_reference_s", "attn_fused_s", "attn_eager_s"):
-        assert result[key] > 0
-    assert result["cc_ratio"] == pytest.approx(result["cc_efficient_s"] / result["cc_reference_s"])
-    assert result["attn_ratio"] == pytest.approx(result["attn_fused_s"] / result["attn_eager_s"])
-    assert result["device"] == "cpu" and result["nps"] == 3
+    result = step_benchmark(config, repeats=1, nps=[3, 10])
+    assert result["device"] == "cpu" and [row["nps"] for row in result["by_nps"]] == [3, 10]
+    for row in result["by_nps"]:
+        for key in ("cc_efficient_s", "cc_reference_s", "attn_fused_s", "attn_eager_s"):
+            assert row[key] > 0
+        assert row["cc_ratio"] == pytest.approx(row["cc_efficient_s"] / row["cc_reference_s"])
+        assert row["attn_ratio"] == pytest.approx(row["attn_fused_s"] / row["attn_eager_s"])
+
+
+def test_released_emulation_runs_only_the_noun_phrases_that_exist():
+    """Its cost falls with fewer phrases, as the released code's does: one whole-model call per existing phrase."""
+    from training.perf.released_cc import released_isolated_maps
+
+    model = _tiny_model()
+    batch = make_batch([10, 30], [1, 3])  # 1 and 3 phrases of 10 slots
+    calls = []
+    hook = model.backbone.clip.visual.conv1.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    try:
+        maps = released_isolated_maps(model, batch["reference_image"], batch["np_ids"], batch["np_mask"])
+    finally:
+        hook.remove()
+    assert calls == [2, 1, 1]  # slot 0 for both images, slots 1 and 2 for the second only; empty slots never run
+    assert torch.all(maps[0, 1:] == 0) and torch.all(maps[1, 3:] == 0) and torch.all(maps[1, :3].sum(-1) > 0)
 
 
 @pytest.mark.slow

@@ -195,3 +195,41 @@ def test_a_checkpoint_saved_with_older_eval_keys_still_loads(tmp_path) -> None:
     (path / layout.CONFIG).write_text(saved)
     model, model_config = load_checkpoint_model(path, torch.device("cpu"))
     assert model_config == config.model and not model.training
+
+
+def test_grounded_queries_run_each_tower_once_per_batch(tmp_path) -> None:
+    """Grounding reads the concept maps from the pass that encodes the queries: no second image or text pass."""
+    from training.evaluation.encode import encode_queries
+
+    write_synthetic(tmp_path, sets=2)
+    split = read_synthetic(tmp_path)
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY).model).eval()
+    calls = {"image": 0, "text": 0}
+    model.backbone.clip.visual.conv1.register_forward_hook(lambda *_: calls.__setitem__("image", calls["image"] + 1))
+    model.backbone.clip.token_embedding.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    methods = {name: METHODS.get(name) for name in ("context", "image_only", "text_only", "image_text_sum")}
+    result = encode_queries(
+        model,
+        methods,
+        split,
+        eval_transform("ContextTiny"),
+        tokenizer("ContextTiny"),
+        torch.device("cpu"),
+        batch_size=3,
+        workers=0,
+        find_spans=phrase_span_finder("ContextTiny"),
+    )
+    batches = -(-len(split.queries) // 3)
+    assert calls == {"image": batches, "text": batches}
+    assert len(result.grounding) == sum(len(query.phrases) for query in split.queries) > 0
+
+
+def test_eval_benchmark_times_grounding_beside_plain_encoding(tmp_path) -> None:
+    from training.perf.eval_queries import eval_query_benchmark
+
+    write_synthetic(tmp_path, sets=2)
+    config = load_config(TINY, [f"eval.datasets.synthetic.root={tmp_path}", "eval.device=cpu", "eval.batch_size=4"])
+    result = eval_query_benchmark(config, config.model, repeats=1, limit=3)
+    assert result["queries"] == 3 and result["grounded_phrases"] > 0 and result["loader_workers"] == 0
+    assert result["grounding_ratio"] == pytest.approx(result["with_grounding_s"] / result["without_grounding_s"])

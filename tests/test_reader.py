@@ -254,23 +254,26 @@ def test_batches_follow_the_contract(shard_set):
     assert np.abs(image.numpy()).max() < 3
 
 
+def config_overrides(shard_set) -> list[str]:
+    return [
+        f"data.shards_dir={shard_set}",
+        "model.backbone=ContextTiny",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        "cluster.num_workers=2",
+    ]
+
+
 @pytest.mark.timeout(60)
 def test_loader_benchmark_reports_throughput_per_core(shard_set):
     from cluster.root_config import load_config
     from training.perf.loader import loader_benchmark
 
-    config = load_config(
-        None,
-        [
-            f"data.shards_dir={shard_set}",
-            "model.backbone=ContextTiny",
-            "train.micro_batch=4",
-            "train.global_batch=8",
-            "cluster.num_workers=2",
-            "data.loader_workers=0",
-        ],
-    )
+    config = load_config(None, [*config_overrides(shard_set), "data.loader_workers=0"])
     result = loader_benchmark(config, seconds=0.5)
-    assert result["workers"] == 0 and result["samples"] > 0
-    assert result["samples_per_s"] > 0 and result["samples_per_s_per_core"] == result["samples_per_s"]
+    assert result["workers"] == 0 and result["samples"] > 0 and result["processes"] == 1
+    assert result["samples_per_s"] > 0 and result["samples_per_cpu_s"] > 0
     assert result["steps_per_epoch"] == sum(SIZES) // 4
+    # With a loader worker the CPU of both processes counts: the worker decodes, the main process collates.
+    with_worker = loader_benchmark(load_config(None, [*config_overrides(shard_set), "data.loader_workers=1"]), 0.5)
+    assert with_worker["processes"] == 2 and with_worker["cpu_s"] > 0

@@ -108,39 +108,48 @@ class CaptionTokenizer:
         length cuts it (`truncated`: the span would reach past position 75), when it has more than np_length - 2
         tokens (`too_long`), or when its tokens alone differ from the caption's tokens in its span (`np_mismatch`).
         """
+        caption_ids, located = self.locate(caption, noun_phrases)
+        dropped = Counter(outcome for outcome in located if isinstance(outcome, str))
+        kept = [(phrase, *outcome) for phrase, outcome in zip(noun_phrases, located) if not isinstance(outcome, str)]
+        return self._result(caption_ids, kept, dropped)
+
+    def locate(
+        self, caption: str, noun_phrases: Sequence[NounPhrase]
+    ) -> tuple[np.ndarray, list[tuple[int, int, list[int]] | str]]:
+        """The caption's ids, and per noun phrase either (start, end, its own ids) or why it gets no span.
+
+        The caption is tokenized once for all its phrases (see `tokenize` for the reasons).
+        """
         caption_ids = self.caption_ids(caption)
         pieces = self.word_pieces(caption)
         replay = [self.sot, *(token for piece in pieces for token in piece.ids), self.eot]
         if len(replay) > self.context_length:
             replay = [*replay[: self.context_length - 1], self.eot]
         replay += [0] * (self.context_length - len(replay))
-        dropped: Counter = Counter()
         if replay != caption_ids.tolist():
-            dropped[TOKENIZER_MISMATCH] += len(noun_phrases)
-            return self._result(caption_ids, [], dropped)
+            return caption_ids, [TOKENIZER_MISMATCH] * len(noun_phrases)
         # Token position of every word: the start token sits at 0.
         positions = np.cumsum([1] + [len(piece.ids) for piece in pieces])
         last_content = self.context_length - 2  # position 76 holds the end token after truncation
-        kept: list[tuple[NounPhrase, int, int, list[int]]] = []
+        located: list[tuple[int, int, list[int]] | str] = []
         for phrase in noun_phrases:
             inside = [i for i, piece in enumerate(pieces) if piece.start >= phrase.start and piece.end <= phrase.end]
             overlapping = [i for i, piece in enumerate(pieces) if piece.start < phrase.end and piece.end > phrase.start]
             if not inside or inside != overlapping:
-                dropped[MISALIGNED] += 1
+                located.append(MISALIGNED)
                 continue
             start, end = int(positions[inside[0]]), int(positions[inside[-1] + 1])
             if end - 1 > last_content:
-                dropped[TRUNCATED] += 1
+                located.append(TRUNCATED)
                 continue
             alone = self.encode(phrase.text)
             if len(alone) > self.np_length - 2:
-                dropped[TOO_LONG] += 1
-                continue
-            if alone != caption_ids[start:end].tolist():
-                dropped[MISMATCH] += 1
-                continue
-            kept.append((phrase, start, end, alone))
-        return self._result(caption_ids, kept, dropped)
+                located.append(TOO_LONG)
+            elif alone != caption_ids[start:end].tolist():
+                located.append(MISMATCH)
+            else:
+                located.append((start, end, alone))
+        return caption_ids, located
 
     def _result(self, caption_ids: np.ndarray, kept: list, dropped: Counter) -> CaptionTokens:
         spans = np.zeros((len(kept), 2), dtype=np.int32)

@@ -183,31 +183,31 @@ def encode_queries(
         stop = start + pixels.shape[0]
         pixels = pixels.to(device, non_blocking=True)
         ids = caption_ids[start:stop].to(device, non_blocking=True)
-        batch = QueryBatch(model, pixels, ids)
+        np_spans, np_mask = _phrase_spans(spans[start:stop], result) if spans else (None, None)
+        batch = QueryBatch(model, pixels, ids, _to(np_spans, device), _to(np_mask, device))
         with autocast(device):
             for name, method in methods.items():
                 chunks[name].append(_normalised(method.encode_query(batch)))
-            if spans:
-                _score_grounding(model, queries[start:stop], spans[start:stop], pixels, ids, sizes, result)
+            if np_mask is not None:  # the maps came from the same pass as the queries
+                _score_grounding(queries[start:stop], batch.views["fused/np_maps"], np_mask, sizes, result)
     result.embeddings = {name: torch.cat(parts) for name, parts in chunks.items()}
     return result
 
 
-def _score_grounding(
-    model: torch.nn.Module,
-    queries: Sequence,
-    spans: Sequence[list[tuple[int, int] | None]],
-    pixels: torch.Tensor,
-    caption_ids: torch.Tensor,
-    sizes: torch.Tensor,
-    result: QueryEncodings,
-) -> None:
-    """Append each phrase's in-box attention share for one batch of queries."""
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
+
+
+def _phrase_spans(
+    spans: Sequence[list[tuple[int, int] | None]], result: QueryEncodings
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(np_spans (B, N, 2), np_mask (B, N)) of a batch's grounded phrases; (None, None) when it has none.
+
+    Phrases without a span (past the 77-token context) are counted in `result.phrases_dropped`.
+    """
     width = max((len(row) for row in spans), default=0)
-    if width == 0:
-        return
-    np_spans = torch.zeros(len(queries), width, 2, dtype=torch.int64)
-    np_mask = torch.zeros(len(queries), width, dtype=torch.bool)
+    np_spans = torch.zeros(len(spans), width, 2, dtype=torch.int64)
+    np_mask = torch.zeros(len(spans), width, dtype=torch.bool)
     for row, row_spans in enumerate(spans):
         for column, span in enumerate(row_spans):
             if span is None:
@@ -215,9 +215,13 @@ def _score_grounding(
                 continue
             np_spans[row, column] = torch.tensor(span)
             np_mask[row, column] = True
-    if not np_mask.any():
-        return
-    maps = model.concept_maps(pixels, caption_ids, np_spans.to(pixels.device), np_mask.to(pixels.device))
+    return (np_spans, np_mask) if np_mask.any() else (None, None)
+
+
+def _score_grounding(
+    queries: Sequence, maps: torch.Tensor, np_mask: torch.Tensor, sizes: torch.Tensor, result: QueryEncodings
+) -> None:
+    """Append each phrase's in-box attention share for one batch of queries (maps (B, N, gh, gw))."""
     maps = maps.float().cpu().numpy()
     for row, query in enumerate(queries):
         image_width, image_height = (int(value) for value in sizes[row])

@@ -170,7 +170,7 @@ class Evaluator:
             tokenize=model_inputs.tokenizer(saved.backbone),
             device=self.device,
             batch_size=self.config.eval.batch_size,
-            workers=self.config.eval.loader_workers,
+            workers=self.config.eval.workers_for(self.device),
             top_k=self.config.eval.top_k,
             find_spans=phrase_span_finder(saved.backbone),
         )

@@ -6,6 +6,7 @@ The eval job must find each noun phrase's tokens exactly as training did, so it 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -32,22 +33,28 @@ def phrase_span_finder(backbone: str) -> SpanFinder:
     """A function (caption, phrases) -> each phrase's `[start, end)` in the caption ids, or None without a span.
 
     A phrase gets None when its text is not in the caption, when truncation at 77 tokens cuts it, or when its
-    characters cut through a word; the runner counts those as dropped.
+    characters cut through a word; the runner counts those as dropped. `phrases` must be hashable (a tuple, as
+    `Query.phrases` is): the results are cached, since a watcher scores the same benchmark at every checkpoint.
     """
     # Eval needs only spans, not the isolated ids, so the isolated length never limits which phrase is kept.
     tokenizer = CaptionTokenizer(backbone, np_length=CONTEXT_LENGTH)
 
+    @functools.lru_cache(maxsize=1 << 20)  # a benchmark's spans are found once and reused for every checkpoint
     def find_spans(caption: str, phrases: Sequence[GroundedPhrase]) -> list[tuple[int, int] | None]:
-        spans: list[tuple[int, int] | None] = []
+        found: list[NounPhrase | None] = []
         resume = 0
         for phrase in phrases:
             start = phrase.char_start if phrase.char_start is not None else locate(caption, phrase.text, resume)
             if start is None or caption[start : start + len(phrase.text)] != phrase.text:
-                spans.append(None)
+                found.append(None)
                 continue
             resume = start + len(phrase.text)
-            tokens = tokenizer.tokenize(caption, [NounPhrase(phrase.text, start, resume)])
-            spans.append(tuple(int(value) for value in tokens.np_spans[0]) if len(tokens.np_spans) else None)
+            found.append(NounPhrase(phrase.text, start, resume))
+        located = iter(tokenizer.locate(caption, [phrase for phrase in found if phrase is not None])[1])
+        spans: list[tuple[int, int] | None] = []
+        for phrase in found:  # the caption is tokenized once for all its phrases
+            outcome = next(located) if phrase is not None else None
+            spans.append(None if outcome is None or isinstance(outcome, str) else (outcome[0], outcome[1]))
         return spans
 
     return find_spans

@@ -118,20 +118,32 @@ class ConTextCIR(nn.Module):
         _, keys = self._text(caption_ids)
         return self._query(self.backbone.encode_image(reference_image).tokens, keys)[0]
 
-    def encode_query_views(self, reference_image: torch.Tensor, caption_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The composed query and both single-modality baselines from one pass of each tower.
+    def encode_query_views(
+        self,
+        reference_image: torch.Tensor,
+        caption_ids: torch.Tensor,
+        np_spans: torch.Tensor | None = None,
+        np_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The composed query, both single-modality baselines and, with NP spans, the concept maps, in one pass.
 
         Returns `fused/query` (= encode_query), `img/reference` (= encode_image_clip of the reference) and
-        `txt/caption` (= encode_text_clip of the caption), each (B, D) and L2-normalised. The eval job needs all
-        three per query batch; calling the three encoders would run the image and text towers twice each.
+        `txt/caption` (= encode_text_clip of the caption), each (B, D) and L2-normalised, and with `np_spans` and
+        `np_mask` also `fused/np_maps` (= concept_maps, (B, N, gh, gw)) from the same fusion pass. The eval job
+        needs all of them per query batch; separate encoders would run each tower and the fusion head again.
         """
         ids, keys = self._text(caption_ids)
         image = self.backbone.encode_image(reference_image)
-        return {
-            "fused/query": self._query(image.tokens, keys)[0],
+        concepts = self._concepts(np_spans, np_mask, ids.shape[1]) if np_spans is not None else None
+        query, maps = self._query(image.tokens, keys, concepts)
+        views = {
+            "fused/query": query,
             "img/reference": F.normalize(image.embedding, dim=-1),
             "txt/caption": F.normalize(self.backbone.text_embedding(keys.states, ids), dim=-1),
         }
+        if maps is not None:
+            views["fused/np_maps"] = maps.reshape(*maps.shape[:2], *self.patch_grid)
+        return views
 
     def encode_gallery(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised gallery/target embedding, per `model.target_encoding`."""
@@ -192,11 +204,16 @@ class ConTextCIR(nn.Module):
         np_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The training pass; see the module docstring for the returned keys."""
-        batch = reference_image.shape[0]
         # One image-tower call for both image sets: the tower treats samples independently.
         images = self.backbone.encode_image(torch.cat([reference_image, target_image]))
-        reference = ImageFeatures(images.tokens[:batch], images.embedding[:batch])
-        target = ImageFeatures(images.tokens[batch:], images.embedding[batch:])
+        # `chunk` rather than slicing: its backward concatenates the two gradients instead of zero-filling and
+        # adding two full-size buffers.
+        (reference_tokens, target_tokens), (reference_embedding, target_embedding) = (
+            images.tokens.chunk(2),
+            images.embedding.chunk(2),
+        )
+        reference = ImageFeatures(reference_tokens, reference_embedding)
+        target = ImageFeatures(target_tokens, target_embedding)
         ids, keys = self._text(caption_ids)
         with_maps = np_spans is not None and np_mask is not None and np_mask.shape[1] > 0
         concepts = self._concepts(np_spans, np_mask, ids.shape[1]) if with_maps else None

@@ -3,8 +3,8 @@
 Attention runs on fused kernels (`scaled_dot_product_attention`). The Text-CC loss needs attention probabilities
 only for the key columns of noun-phrase tokens, so no block ever materialises the full probability matrix in
 training: the fused kernel also returns each query row's log-sum-exp, and the probabilities of the few NP columns
-are recomputed as exp(q.k * scale - lse). The kernel's lse carries no gradient; `lse_with_gradient` restores the
-exact one (d lse / d s_j = p_j) from one more fused call, P @ K. The eager path (`eager=True`) computes the full
+are recomputed as exp(q.k * scale - lse). The kernel's lse carries no gradient; the maps' own backward
+(`_MapsFromLse`) adds the exact one (d lse / d s_j = p_j). The eager path (`eager=True`) computes the full
 softmax and stays as the reference for tests and benchmarks.
 
 PAD keys (id 0 after the last non-zero id, i.e. after EOT) are masked in every path, so a text's own length is all
@@ -194,7 +194,7 @@ def attention_fused_with_lse(
     """Fused attention that also returns each row's log-sum-exp (B,H,Q) in fp32 (no gradient through lse).
 
     Where the device has no such kernel, the output comes from plain SDPA and the lse from the scores, computed
-    without gradient like the kernel's, so `lse_with_gradient` adds its gradient exactly once.
+    without gradient like the kernel's, so the maps' backward adds its gradient exactly once.
     """
     global _warned_lse_fallback
     scale = query.shape[-1] ** -0.5
@@ -212,24 +212,6 @@ def attention_fused_with_lse(
         scores = (query @ key.transpose(-1, -2)).float() * scale
         lse = scores.masked_fill(~key_valid[:, None, None, :], float("-inf")).logsumexp(dim=-1)
     return output, lse
-
-
-def lse_with_gradient(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, key_valid: torch.Tensor
-) -> torch.Tensor:
-    """`lse` (value from the kernel) carrying its exact gradient w.r.t. `query` and `key`.
-
-    d lse_q / d q = scale * sum_j p_qj k_j = scale * (P K)_q and d lse_q / d k_j = scale * p_qj q_q. Both come from
-    X_q = scale * q_q . (P_detached K)_q, whose gradient flows to q directly and to K only through the value
-    path of one fused attention call; lse + X - X.detach() has lse's value and lse's gradient.
-    """
-    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
-        return lse
-    weighted_keys = F.scaled_dot_product_attention(
-        query.detach(), key.detach(), key, attn_mask=key_valid[:, None, None, :]
-    )
-    tangent = (query.float() * weighted_keys.float()).sum(dim=-1) * query.shape[-1] ** -0.5
-    return lse + tangent - tangent.detach()
 
 
 def column_probabilities(
@@ -258,19 +240,58 @@ def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumn
     return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, concepts.query_prefix :], concepts)
 
 
+class _MapsFromLse(torch.autograd.Function):
+    """Concept maps from the kernel's row log-sum-exp, with a backward that recomputes instead of storing.
+
+    Forward: P_c = exp(s_c - lse) for the NP columns only, averaged into maps. The lse depends on every key, so
+    the exact gradient also flows through it: with G_c = dL/dP_c, dL/ds_j = [j in C] G_j P_j - (sum_c G_c P_c) p_j
+    over all keys j. The backward recomputes the patch rows' scores over all keys (B, H, P, T: the keys are a
+    caption's tokens, so this is a few MB) and needs three matmuls; the forward keeps only the column
+    probabilities. (An autograd-built alternative ran one more attention forward and backward per block.)
+    """
+
+    @staticmethod
+    def forward(ctx, patch_query, key, patch_lse, key_valid, columns, weights):  # type: ignore[override]
+        with _full_precision(patch_query.device):
+            probabilities = column_probabilities(patch_query, key, patch_lse, columns, key_valid)
+            maps = torch.einsum("bqc,bnc->bnq", probabilities.mean(dim=1), weights.float())
+        ctx.save_for_backward(patch_query, key, patch_lse, key_valid, columns, weights, probabilities)
+        return maps
+
+    @staticmethod
+    def backward(ctx, grad_maps):  # type: ignore[override]
+        patch_query, key, patch_lse, key_valid, columns, weights, probabilities = ctx.saved_tensors
+        batch, heads, rows, head_dim = patch_query.shape
+        scale = head_dim**-0.5
+        with _full_precision(patch_query.device):
+            query, keys = patch_query.float(), key.float()
+            # dL/dP_c, the same for every head (the maps average the heads).
+            column_grad = torch.einsum("bnq,bnc->bqc", grad_maps.float(), weights.float())[:, None] / heads
+            through_columns = column_grad * probabilities  # G_c P_c  (B, H, P, C)
+            scores = (query @ keys.transpose(-1, -2)) * scale
+            every_key = torch.exp(
+                scores.masked_fill(~key_valid[:, None, None, :], float("-inf")) - patch_lse[..., None]
+            )
+            score_grad = -through_columns.sum(dim=-1, keepdim=True) * every_key  # through the lse
+            index = columns[:, None, None, :].expand(batch, heads, rows, columns.shape[1])
+            score_grad = score_grad.scatter_add(-1, index, through_columns)  # padding columns add 0 (weight 0)
+            grad_query = (score_grad @ keys) * scale
+            grad_key = (score_grad.transpose(-1, -2) @ query) * scale
+        return grad_query.to(patch_query.dtype), grad_key.to(key.dtype), None, None, None, None
+
+
 def maps_from_lse(
     patch_query: torch.Tensor, key: torch.Tensor, patch_lse: torch.Tensor, keys: TextKeys, concepts: ConceptColumns
 ) -> torch.Tensor:
-    """(B, N, P) per-NP maps from a fused kernel's row log-sum-exp: only the NP columns are computed.
+    """(B, N, P) fp32 per-NP maps from a fused kernel's row log-sum-exp: only the NP columns are computed.
 
     Args:
         patch_query: (B, H, P, d) the patch rows of the queries (prefix rows already left out).
         key: (B, H, T, d) keys.
-        patch_lse: (B, H, P) the kernel's log-sum-exp of those rows (no gradient; restored here).
+        patch_lse: (B, H, P) the kernel's log-sum-exp of those rows (it carries no gradient; the maps' backward
+            adds the exact one).
     """
-    patch_lse = lse_with_gradient(patch_query, key, patch_lse, keys.valid)
-    probabilities = column_probabilities(patch_query, key, patch_lse, concepts.columns, keys.valid)
-    return maps_from_columns(probabilities, concepts)
+    return _MapsFromLse.apply(patch_query, key, patch_lse.detach(), keys.valid, concepts.columns, concepts.weights)
 
 
 class CrossAttentionBlock(nn.Module):

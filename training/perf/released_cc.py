@@ -22,19 +22,26 @@ from training.objectives.concept_consistency import concept_consistency_loss
 def released_isolated_maps(
     model: ConTextCIR, reference_image: torch.Tensor, np_ids: torch.Tensor, np_mask: torch.Tensor
 ) -> torch.Tensor:
-    """(B, N, P) isolated maps, one whole-model call per NP slot, NP ids padded to the full context."""
+    """(B, N, P) isolated maps, one whole-model call per noun phrase that exists, NP ids padded to the context.
+
+    The released code loops over a caption's noun phrases; here each slot's existing phrases run as one sub-batch
+    (the images that have a phrase in that slot), so the cost grows with the phrases there are, as theirs does.
+    """
     batch, count, length = np_ids.shape
-    maps = []
+    patches = model.patch_grid[0] * model.patch_grid[1]
+    maps = torch.zeros(batch, count, patches, dtype=torch.float32, device=np_ids.device)
     for slot in range(count):
-        ids = F.pad(np_ids[:, slot], (0, CONTEXT_LENGTH - length))
-        tokens = model.backbone.encode_image(reference_image).tokens
+        rows = np_mask[:, slot].nonzero().squeeze(1)
+        if not rows.numel():
+            continue
+        ids = F.pad(np_ids[rows, slot], (0, CONTEXT_LENGTH - length))
+        tokens = model.backbone.encode_image(reference_image[rows]).tokens
         keys = TextKeys.of(model.backbone.encode_text(ids), ids)
         concepts = ConceptColumns.isolated(ids, query_prefix=model.backbone.image_prefix_tokens)
         fused, slot_maps = model.fusion(tokens, keys, concepts, eager=True)
         model.query_projection(model.pooler(fused, eager=True))  # the released call computes the full output
-        # An empty slot has no key at all (NaN rows); it is masked out of the loss, so zero it here.
-        maps.append(torch.where(np_mask[:, slot, None], slot_maps[:, 0].float(), 0.0))
-    return torch.stack(maps, dim=1)
+        maps[rows, slot] = slot_maps[:, 0].float()
+    return maps
 
 
 def released_step_outputs(objective, batch: dict) -> dict[str, torch.Tensor]:

@@ -67,96 +67,103 @@ def synthetic_batch(
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def step_benchmark(config: TrainJob, repeats: int, nps: int) -> dict[str, Any]:
-    """Time forward + backward of one training step for each variant; see the module docstring.
+def step_benchmark(config: TrainJob, repeats: int, nps: list[int]) -> dict[str, Any]:
+    """Time forward + backward of one training step for each variant and noun-phrase count; see the module docstring.
 
     Returns:
-        cc_efficient_s, cc_reference_s, cc_ratio (efficient / reference), attn_fused_s, attn_eager_s, attn_ratio
-        (fused / eager), device, batch_size, nps, repeats, threads, backbone; on CUDA also triplets_per_s, peak_mem_gb,
-        mfu and step_tflops. `attn_fused_s` is the efficient step itself (the same variant as `cc_efficient_s`).
+        `by_nps`: for each count of noun phrases per caption, cc_efficient_s, cc_reference_s, cc_ratio (efficient /
+        reference), attn_fused_s, attn_eager_s, attn_ratio (fused / eager) and, on CUDA, triplets_per_s,
+        peak_mem_gb, step_tflops and mfu; `attn_fused_s` is the efficient step itself. Also device, backbone,
+        batch_size, repeats, threads.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.train.seed)
     model_config = dataclasses.replace(config.model, pretrained=None, weights_file=None, compile=False)
     objective = ConTextObjective(dataclasses.replace(model_config, attention="fused"), config.loss).to(device)
-    noun_phrases = config.data.noun_phrases
-    batch = synthetic_batch(
-        config.train.micro_batch,
-        nps,
-        noun_phrases.max_nps,
-        noun_phrases.np_length,
-        image_size(config.model.backbone),
-        device,
-    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def efficient() -> dict[str, torch.Tensor]:
-        return objective(batch)
-
-    def reference() -> dict[str, torch.Tensor]:
-        return released_step_outputs(objective, batch)
-
-    def eager() -> dict[str, torch.Tensor]:
-        objective.model.eager = True
-        try:
-            return objective(batch)
-        finally:
-            objective.model.eager = False
-
-    variants = {"efficient": efficient, "reference": reference, "eager": eager}
-    timings: dict[str, list[float]] = {name: [] for name in variants}
-
-    def run(step) -> float:
+    def run(step, batch) -> float:
         objective.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
         with autocast:
-            outputs = step()
+            outputs = step(batch)
             loss = sum(value for name, value in outputs.items() if name.endswith("_loss"))
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # kernels are asynchronous: wait before reading the clock
         return time.perf_counter() - started
 
-    for step in variants.values():
-        run(step)  # warm-up: allocator, kernel selection, lazy initialisation
-    for _ in tqdm(range(repeats), desc="step benchmark", unit="repeat"):
-        for name, step in variants.items():
-            timings[name].append(run(step))
-    fastest = {name: min(values) for name, values in timings.items()}
-    result: dict[str, Any] = {
-        "cc_efficient_s": fastest["efficient"],
-        "cc_reference_s": fastest["reference"],
-        "cc_ratio": fastest["efficient"] / fastest["reference"],
-        "attn_fused_s": fastest["efficient"],
-        "attn_eager_s": fastest["eager"],
-        "attn_ratio": fastest["efficient"] / fastest["eager"],
+    def eager(batch) -> dict[str, torch.Tensor]:
+        objective.model.eager = True
+        try:
+            return objective(batch)
+        finally:
+            objective.model.eager = False
+
+    variants = {
+        "efficient": objective,
+        "reference": lambda batch: released_step_outputs(objective, batch),
+        "eager": eager,
+    }
+    noun_phrases = config.data.noun_phrases
+    rows = []
+    for count in nps:
+        batch = synthetic_batch(
+            config.train.micro_batch,
+            count,
+            noun_phrases.max_nps,
+            noun_phrases.np_length,
+            image_size(config.model.backbone),
+            device,
+        )
+        timings: dict[str, list[float]] = {name: [] for name in variants}
+        for step in variants.values():
+            run(step, batch)  # warm-up: allocator, kernel selection, lazy initialisation
+        for _ in tqdm(range(repeats), desc=f"step benchmark, {count} NPs", unit="repeat"):
+            for name, step in variants.items():
+                timings[name].append(run(step, batch))
+        fastest = {name: min(values) for name, values in timings.items()}
+        row: dict[str, Any] = {
+            "nps": min(count, noun_phrases.max_nps),
+            "cc_efficient_s": fastest["efficient"],
+            "cc_reference_s": fastest["reference"],
+            "cc_ratio": fastest["efficient"] / fastest["reference"],
+            "attn_fused_s": fastest["efficient"],
+            "attn_eager_s": fastest["eager"],
+            "attn_ratio": fastest["efficient"] / fastest["eager"],
+        }
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            run(objective, batch)
+            flops = step_flops(objective.model, StepShape.of(batch), text_cc=objective.lambda_cc > 0)
+            peak = peak_bf16_flops(torch.cuda.get_device_name(device), config.logging.peak_tflops)
+            row.update(
+                triplets_per_s=config.train.micro_batch / fastest["efficient"],
+                peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
+                step_tflops=flops / 1e12,
+                mfu=flops / fastest["efficient"] / peak if peak else None,
+            )
+        rows.append(row)
+    return {
+        "by_nps": rows,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "backbone": config.model.backbone,
         "batch_size": config.train.micro_batch,
-        "nps": min(nps, noun_phrases.max_nps),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
     }
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        step_s = run(efficient)
-        flops = step_flops(objective.model, StepShape.of(batch), text_cc=objective.lambda_cc > 0)
-        peak = peak_bf16_flops(torch.cuda.get_device_name(device))
-        result.update(
-            triplets_per_s=config.train.micro_batch / fastest["efficient"],
-            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
-            step_tflops=flops / 1e12,
-            mfu=flops / fastest["efficient"] / peak if peak else None,
-        )
-        logger.info("last efficient step took %.3f s", step_s)
-    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant")
-    parser.add_argument("--nps", type=int, default=10, help="noun phrases per caption")
+    parser.add_argument(
+        "--nps",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[3, 10],
+        help="noun phrases per caption, comma-separated counts (default 3,10: the synthetic data's ~3 and max_nps)",
+    )
 
 
 def run(config: TrainJob, args: argparse.Namespace) -> dict[str, Any]:

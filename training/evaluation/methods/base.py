@@ -22,17 +22,29 @@ CLIP_IMAGE_SPACE = "clip_image"
 
 
 class QueryBatch:
-    """One batch of composed queries on the device; the towers run at most once for all methods."""
+    """One batch of composed queries on the device; the towers run at most once for all methods.
 
-    def __init__(self, model: torch.nn.Module, reference_images: torch.Tensor, caption_ids: torch.Tensor) -> None:
+    With `np_spans` and `np_mask` (a benchmark that scores grounding) the same pass also yields the concept maps.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        reference_images: torch.Tensor,
+        caption_ids: torch.Tensor,
+        np_spans: torch.Tensor | None = None,
+        np_mask: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.reference_images = reference_images
         self.caption_ids = caption_ids
+        self.np_spans = np_spans
+        self.np_mask = np_mask
 
     @cached_property
     def views(self) -> dict[str, torch.Tensor]:
-        """`fused/query`, `img/reference` and `txt/caption` from one pass of each tower (see `encode_query_views`)."""
-        return self.model.encode_query_views(self.reference_images, self.caption_ids)
+        """`fused/query`, `img/reference`, `txt/caption` (and `fused/np_maps`) from one pass of each tower."""
+        return self.model.encode_query_views(self.reference_images, self.caption_ids, self.np_spans, self.np_mask)
 
 
 class GalleryBatch:
