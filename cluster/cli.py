@@ -44,8 +44,11 @@ def parse_config_args(
     argv: Sequence[str] | None,
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    default_config: str | None = None,
 ) -> tuple[argparse.Namespace, RootConfig]:
     """Parse `--config FILE [flags] [key.path=value ...]` and load the validated config.
+
+    `default_config` makes `--config` optional (a command that reads its own configs).
 
     Raises:
         ConfigError: the config is unusable; callers exit with CONFIG_ERROR_EXIT before starting anything.
@@ -53,7 +56,8 @@ def parse_config_args(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--config",
-        required=True,
+        required=default_config is None,
+        default=default_config,
         help=f"YAML config file, or the name of a shipped one ({', '.join(available_configs())})",
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-5 cluster.num_workers=4")

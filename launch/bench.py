@@ -3,6 +3,7 @@
     python launch/bench.py loader --config configs/tiny.yaml   # streaming reader throughput
     python launch/bench.py step   --config configs/tiny.yaml   # training step: efficient vs reference Text-CC, fused vs eager
     python launch/bench.py eval   --config configs/tiny.yaml   # eval query encoding with vs without grounding
+    python launch/bench.py gpu    [--out runs/bench_gpu.json]  # every GPU figure in one run (a dry run on CPU)
 
 Every ratio is measured side by side in one run; absolute figures only mean something on a GPU.
 """
@@ -18,8 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
 
-BENCHMARKS = {"loader": "training.perf.loader", "step": "training.perf.step", "eval": "training.perf.eval_queries"}
+BENCHMARKS = {
+    "loader": "training.perf.loader",
+    "step": "training.perf.step",
+    "eval": "training.perf.eval_queries",
+    "gpu": "cluster.gpu_bench",
+}
 """Benchmark name -> module with `add_arguments(parser)` and `run(config, args) -> dict`."""
+OWN_CONFIGS = {"gpu": "tiny"}
+"""Benchmarks that read the shipped configs themselves: `--config` is optional for them."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     kind, rest = argv[0], argv[1:]
     benchmark = importlib.import_module(BENCHMARKS[kind])
     try:
-        args, config = parse_config_args(rest, f"benchmark: {kind}", benchmark.add_arguments)
+        args, config = parse_config_args(rest, f"benchmark: {kind}", benchmark.add_arguments, OWN_CONFIGS.get(kind))
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT

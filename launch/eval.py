@@ -2,7 +2,7 @@
 
     python launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
     python launch/eval.py --config vith --watch [--until-step N] [--benchmarks cirr,circo]
-    ray job submit --working-dir . -- python launch/eval.py --config configs/vith.yaml --watch
+    ray job submit --working-dir . --entrypoint-num-gpus 1 -- python launch/eval.py --config configs/vith.yaml --watch
     python launch/eval.py --list                      # the registered benchmarks and methods
 
 Loads only `model.safetensors` plus the checkpoint's saved config; writes `<run>/eval/step_XXXXXXXX.json`,

@@ -67,33 +67,47 @@ def synthetic_batch(
     return {name: value.to(device) for name, value in batch.items()}
 
 
-def step_benchmark(config: TrainJob, repeats: int, nps: list[int]) -> dict[str, Any]:
-    """Time forward + backward of one training step for each variant and noun-phrase count; see the module docstring.
-
-    Returns:
-        `by_nps`: for each count of noun phrases per caption, cc_efficient_s, cc_reference_s, cc_ratio (efficient /
-        reference), attn_fused_s, attn_eager_s, attn_ratio (fused / eager) and, on CUDA, triplets_per_s,
-        peak_mem_gb, step_tflops and mfu; `attn_fused_s` is the efficient step itself. Also device, backbone,
-        batch_size, repeats, threads.
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def build_objective(config: TrainJob, device: torch.device) -> ConTextObjective:
+    """The config's network at its real dimensions with random weights (no hub), fused attention, on `device`."""
     torch.manual_seed(config.train.seed)
-    model_config = dataclasses.replace(config.model, pretrained=None, weights_file=None, compile=False)
-    objective = ConTextObjective(dataclasses.replace(model_config, attention="fused"), config.loss).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model_config = dataclasses.replace(
+        config.model, pretrained=None, weights_file=None, init_from=None, compile=False, attention="fused"
+    )
+    return ConTextObjective(model_config, config.loss).to(device)
 
-    def run(step, batch) -> float:
-        objective.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        with autocast:
-            outputs = step(batch)
-            loss = sum(value for name, value in outputs.items() if name.endswith("_loss"))
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # kernels are asynchronous: wait before reading the clock
-        return time.perf_counter() - started
+
+def benchmark_batch(config: TrainJob, nps: int, device: torch.device, batch_size: int | None = None) -> dict[str, Any]:
+    """A synthetic reader batch of the config's micro-batch (or `batch_size`) with `nps` phrases per caption."""
+    noun_phrases = config.data.noun_phrases
+    return synthetic_batch(
+        batch_size or config.train.micro_batch,
+        nps,
+        noun_phrases.max_nps,
+        noun_phrases.np_length,
+        image_size(config.model.backbone),
+        device,
+    )
+
+
+def timed_step(objective: ConTextObjective, step, batch: dict[str, Any], device: torch.device) -> float:
+    """Seconds of one forward + backward of `step(batch)` (bf16 autocast on CUDA), the device synchronised."""
+    objective.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        outputs = step(batch)
+        loss = sum(value for name, value in outputs.items() if name.endswith("_loss"))
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: wait before reading the clock
+    return time.perf_counter() - started
+
+
+def compare_variants(
+    config: TrainJob, objective: ConTextObjective, batch: dict[str, Any], device: torch.device, repeats: int
+) -> dict[str, Any]:
+    """Efficient vs released-code Text-CC and fused vs eager attention on one batch, alternating, fastest of each."""
 
     def eager(batch) -> dict[str, torch.Tensor]:
         objective.model.eager = True
@@ -107,45 +121,51 @@ def step_benchmark(config: TrainJob, repeats: int, nps: list[int]) -> dict[str, 
         "reference": lambda batch: released_step_outputs(objective, batch),
         "eager": eager,
     }
-    noun_phrases = config.data.noun_phrases
-    rows = []
-    for count in nps:
-        batch = synthetic_batch(
-            config.train.micro_batch,
-            count,
-            noun_phrases.max_nps,
-            noun_phrases.np_length,
-            image_size(config.model.backbone),
-            device,
+    for step in variants.values():
+        timed_step(objective, step, batch, device)  # warm-up: allocator, kernel selection, lazy initialisation
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    nps = int(batch["np_mask"].sum(dim=1).max())
+    for _ in tqdm(range(repeats), desc=f"{config.model.backbone} step, {nps} NPs", unit="repeat", leave=False):
+        for name, step in variants.items():
+            timings[name].append(timed_step(objective, step, batch, device))
+    fastest = {name: min(values) for name, values in timings.items()}
+    row: dict[str, Any] = {
+        "nps": nps,
+        "cc_efficient_s": fastest["efficient"],
+        "cc_reference_s": fastest["reference"],
+        "cc_ratio": fastest["efficient"] / fastest["reference"],
+        "attn_fused_s": fastest["efficient"],
+        "attn_eager_s": fastest["eager"],
+        "attn_ratio": fastest["efficient"] / fastest["eager"],
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        timed_step(objective, objective, batch, device)
+        flops = step_flops(objective.model, StepShape.of(batch), text_cc=objective.lambda_cc > 0)
+        peak = peak_bf16_flops(torch.cuda.get_device_name(device), config.logging.peak_tflops)
+        row.update(
+            triplets_per_s=batch["caption_ids"].shape[0] / fastest["efficient"],
+            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
+            step_tflops=flops / 1e12,
+            mfu=flops / fastest["efficient"] / peak if peak else None,
         )
-        timings: dict[str, list[float]] = {name: [] for name in variants}
-        for step in variants.values():
-            run(step, batch)  # warm-up: allocator, kernel selection, lazy initialisation
-        for _ in tqdm(range(repeats), desc=f"step benchmark, {count} NPs", unit="repeat"):
-            for name, step in variants.items():
-                timings[name].append(run(step, batch))
-        fastest = {name: min(values) for name, values in timings.items()}
-        row: dict[str, Any] = {
-            "nps": min(count, noun_phrases.max_nps),
-            "cc_efficient_s": fastest["efficient"],
-            "cc_reference_s": fastest["reference"],
-            "cc_ratio": fastest["efficient"] / fastest["reference"],
-            "attn_fused_s": fastest["efficient"],
-            "attn_eager_s": fastest["eager"],
-            "attn_ratio": fastest["efficient"] / fastest["eager"],
-        }
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            run(objective, batch)
-            flops = step_flops(objective.model, StepShape.of(batch), text_cc=objective.lambda_cc > 0)
-            peak = peak_bf16_flops(torch.cuda.get_device_name(device), config.logging.peak_tflops)
-            row.update(
-                triplets_per_s=config.train.micro_batch / fastest["efficient"],
-                peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30,
-                step_tflops=flops / 1e12,
-                mfu=flops / fastest["efficient"] / peak if peak else None,
-            )
-        rows.append(row)
+    return row
+
+
+def step_benchmark(config: TrainJob, repeats: int, nps: list[int]) -> dict[str, Any]:
+    """Time forward + backward of one training step for each variant and noun-phrase count; see the module docstring.
+
+    Returns:
+        `by_nps`: for each count of noun phrases per caption, cc_efficient_s, cc_reference_s, cc_ratio (efficient /
+        reference), attn_fused_s, attn_eager_s, attn_ratio (fused / eager) and, on CUDA, triplets_per_s,
+        peak_mem_gb, step_tflops and mfu; `attn_fused_s` is the efficient step itself. Also device, backbone,
+        batch_size, repeats, threads.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    objective = build_objective(config, device)
+    rows = [
+        compare_variants(config, objective, benchmark_batch(config, count, device), device, repeats) for count in nps
+    ]
     return {
         "by_nps": rows,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
