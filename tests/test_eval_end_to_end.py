@@ -233,3 +233,17 @@ def test_eval_benchmark_times_grounding_beside_plain_encoding(tmp_path) -> None:
     result = eval_query_benchmark(config, config.model, repeats=1, limit=3)
     assert result["queries"] == 3 and result["grounded_phrases"] > 0 and result["loader_workers"] == 0
     assert result["grounding_ratio"] == pytest.approx(result["with_grounding_s"] / result["without_grounding_s"])
+
+
+def test_eval_rebuilds_the_towers_with_the_activation_the_checkpoint_records(tmp_path) -> None:
+    """A QuickGELU checkpoint (e.g. fine-tuned from OpenAI weights) is scored with QuickGELU, not the name's GELU."""
+    from open_clip.transformer import QuickGELU
+
+    from training.evaluation.runner import load_checkpoint_model
+
+    config = load_config(TINY, [f"cluster.storage_path={tmp_path}", "model.quick_gelu=true"])
+    path = write_checkpoint(config.run_dir, 5, config)
+    model, model_config = load_checkpoint_model(path, torch.device("cpu"))
+    assert model_config.quick_gelu is True
+    assert isinstance(model.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(model.backbone.clip.transformer.resblocks[0].mlp.gelu, QuickGELU)
