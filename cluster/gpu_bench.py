@@ -82,7 +82,6 @@ def _prepare_data(workdir: Path, config_name: str, dry_run: bool) -> list[str]:
 
 def _train(workdir: Path, steps: int, dry_run: bool) -> dict[str, Any]:
     from cluster.ray_setup import connect, shutdown
-    from cluster.trainer import run_training
     from training.monitor.run_monitor import read_metrics
 
     name = "tiny" if dry_run else "vitb"
@@ -107,7 +106,9 @@ def _train(workdir: Path, steps: int, dry_run: bool) -> dict[str, Any]:
     if not micro:  # one GPU: the global batch is one micro-batch
         config = load_config(CONFIGS / f"{name}.yaml", [*overrides, f"train.global_batch={config.train.micro_batch}"])
     shutil.rmtree(config.run_dir, ignore_errors=True)  # the bench's own scratch run: always from step 0
-    connect(config.cluster)
+    connect(config.cluster)  # before anything imports ray: it reads its authentication settings at import
+    from cluster.trainer import run_training
+
     try:
         run_dir = run_training(config)
     finally:

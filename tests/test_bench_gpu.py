@@ -17,7 +17,11 @@ def test_the_prepared_gpu_script_dry_runs_on_cpu(tmp_path, capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "report.json"
+    token_file = Path.home() / ".ray" / "auth_token"
+    had_token = token_file.exists()
     assert module.main(["gpu", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    # The local Ray's token lives in the process environment only: nothing switches later `ray start`s to it.
+    assert token_file.exists() == had_token
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == {"device": "cpu", "dry_run": True, "errors": [], "report": str(out)}
     report = json.loads(out.read_text())
