@@ -3,7 +3,7 @@
 - Inside `ray job submit` Ray sets `RAY_ADDRESS` for the entrypoint; `cluster.address` or a user-set
   `RAY_ADDRESS` name a running cluster. The job's runtime env (`--working-dir .`) already lets the workers
   import this repository.
-- Otherwise a local Ray starts inside this process, bound to 127.0.0.1 with no dashboard, and its workers get the
+- Otherwise a local Ray starts inside this process, bound to 127.0.0.1 (its dashboard too), and its workers get the
   repository on PYTHONPATH. It ends with the driver. Unless `RAY_AUTH_MODE` says otherwise it uses token
   authentication with a token that lives only in this process's environment: Ray's own default would write
   `~/.ray/auth_token`, which then silently switches every later `ray start` on the machine to token auth.
@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -76,13 +77,23 @@ def connect(cluster: ClusterConfig) -> str:
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
         _node_ip_address=LOOPBACK,
-        include_dashboard=False,
+        # The dashboard serves Ray's State API, which Ray Train polls to watch its controller (without it every
+        # poll logs a warning). Loopback only, behind the token; a free port, so private heads never collide.
+        include_dashboard=True,
+        dashboard_host=LOOPBACK,
+        dashboard_port=_free_port(),
         num_cpus=max(os.cpu_count() or 1, needed),
         num_gpus=None if cluster.use_gpu else 0,
         runtime_env={"env_vars": {"PYTHONPATH": python_path}},
         logging_level=logging.WARNING,
     )
     return f"started a local Ray on {LOOPBACK} (stops when this process ends)"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def shutdown() -> None:
