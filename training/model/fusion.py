@@ -227,17 +227,18 @@ def column_probabilities(
         return torch.exp(scores - lse[..., None])
 
 
-def maps_from_columns(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:
-    """(B, N, Q) fp32 per-NP maps: column probabilities averaged over each span's tokens and the heads."""
+def maps_from_columns(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, N, Q) fp32 per-NP maps: column probabilities (B, H, Q, C) averaged over the heads and, with `weights`
+    (`ConceptColumns.weights`, (B, N, C)), over each span's tokens."""
     with _full_precision(probabilities.device):  # autocast would run the einsum's bmm in bf16
         per_column = probabilities.float().mean(dim=1)  # (B, Q, C) averaged over heads
-        return torch.einsum("bqc,bnc->bnq", per_column, concepts.weights.float())
+        return torch.einsum("bqc,bnc->bnq", per_column, weights.float())
 
 
 def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:
     """(B, N, Q - prefix) per-NP maps from full eager probabilities (B, H, Q, T): the reference path."""
     index = concepts.columns[:, None, None, :].expand(*probabilities.shape[:3], -1)
-    return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, concepts.query_prefix :], concepts)
+    return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, concepts.query_prefix :], concepts.weights)
 
 
 class _MapsFromLse(torch.autograd.Function):
@@ -252,9 +253,8 @@ class _MapsFromLse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, patch_query, key, patch_lse, key_valid, columns, weights):  # type: ignore[override]
-        with _full_precision(patch_query.device):
-            probabilities = column_probabilities(patch_query, key, patch_lse, columns, key_valid)
-            maps = torch.einsum("bqc,bnc->bnq", probabilities.mean(dim=1), weights.float())
+        probabilities = column_probabilities(patch_query, key, patch_lse, columns, key_valid)
+        maps = maps_from_columns(probabilities, weights)
         ctx.save_for_backward(patch_query, key, patch_lse, key_valid, columns, weights, probabilities)
         return maps
 
