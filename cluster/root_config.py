@@ -19,6 +19,7 @@ from training.evaluation.config import EvalConfig
 from training.model.config import ModelConfig
 from training.monitor.config import LoggingConfig
 from training.objectives.config import LossConfig
+from training.retrieval.config import IndexConfig
 from training.trainer.config import TrainConfig
 
 RENAMED_KEYS = {
@@ -37,7 +38,7 @@ RENAMED_KEYS = {
 
 @dataclass
 class RootConfig:
-    """Everything a train, build or eval job reads."""
+    """Everything a train, build, eval, index or serve job reads."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -49,6 +50,7 @@ class RootConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
         self.train.geometry(self.cluster.num_workers)  # the global batch must split evenly

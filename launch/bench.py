@@ -4,6 +4,7 @@
     python launch/bench.py step   --config configs/tiny.yaml   # training step: efficient vs reference Text-CC, fused vs eager
     python launch/bench.py eval   --config configs/tiny.yaml   # eval query encoding with vs without grounding
     python launch/bench.py gpu    [--out runs/bench_gpu.json]  # every GPU figure in one run (a dry run on CPU)
+    python launch/bench.py index  [--vectors 100000]           # flat vs IVF vs HNSW: build, query time, recall
 
 Every ratio is measured side by side in one run; absolute figures only mean something on a GPU.
 """
@@ -24,9 +25,10 @@ BENCHMARKS = {
     "step": "training.perf.step",
     "eval": "training.perf.eval_queries",
     "gpu": "cluster.gpu_bench",
+    "index": "training.perf.index_search",
 }
 """Benchmark name -> module with `add_arguments(parser)` and `run(config, args) -> dict`."""
-OWN_CONFIGS = {"gpu": "tiny"}
+OWN_CONFIGS = {"gpu": "tiny", "index": "tiny"}
 """Benchmarks that read the shipped configs themselves: `--config` is optional for them."""
 
 

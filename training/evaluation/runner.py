@@ -10,7 +10,6 @@ Outputs under the checkpoint's run directory:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -84,9 +83,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
     Nothing is unpickled. Only the `model` section is read, so checkpoints written before other sections changed
     still evaluate.
     """
-    from training.model.context_cir import build_model
-    from training.model.towers import with_tower_flags
-    from training.model.weights import load_model_weights
+    from training.model.context_cir import rebuild_model
 
     config_file, weights_file = checkpoint / layout.CONFIG, checkpoint / layout.WEIGHTS
     for needed in (config_file, weights_file):
@@ -96,19 +93,7 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
         saved = load_section(config_file, "model", ModelConfig)
     except ConfigError as error:
         raise CheckpointError(f"checkpoint config unusable: {error}") from error
-    # The weights file holds every parameter, so nothing may be fetched or initialised from elsewhere; the tower
-    # flags the pretrained tag implied are resolved first (checkpoints from before they were recorded lack them).
-    model_config = dataclasses.replace(
-        with_tower_flags(saved),
-        pretrained=None,
-        weights_file=None,
-        init_from=None,
-        compile=False,
-        grad_checkpointing=False,
-    )
-    model = build_model(model_config)
-    load_model_weights(model, weights_file)
-    return model.to(device).eval(), saved
+    return rebuild_model(saved, weights_file, device), saved
 
 
 def _benchmark_entry(

@@ -14,6 +14,9 @@ NPs' own short length, and stops at the last block's attention weights.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -248,3 +251,30 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> ConT
     if config.compile:
         model.compile()  # compiles `forward` in place; parameter names (and checkpoints) stay unchanged
     return model
+
+
+def rebuild_model(saved: ModelConfig, weights_file: str | Path, device: str | torch.device = "cpu") -> ConTextCIR:
+    """The trained network from its recorded `model` section and a `model.safetensors`, in eval mode on `device`.
+
+    The weights file holds every parameter, so nothing is fetched or initialised from elsewhere: the pretrained
+    tag, weights file and init checkpoint of the training run are dropped, after the tower flags they implied are
+    resolved (configs recorded before those flags existed lack them).
+
+    Raises:
+        FileNotFoundError: no weights file.
+        ValueError: the weights do not fit the recorded architecture.
+    """
+    from training.model.towers import with_tower_flags
+    from training.model.weights import load_model_weights
+
+    config = dataclasses.replace(
+        with_tower_flags(saved),
+        pretrained=None,
+        weights_file=None,
+        init_from=None,
+        compile=False,
+        grad_checkpointing=False,
+    )
+    model = build_model(config)
+    load_model_weights(model, weights_file)
+    return model.to(device).eval()

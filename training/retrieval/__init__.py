@@ -1,0 +1,1 @@
+"""Using a trained model: inference bundles, gallery indexes, search and contact sheets (no DeepSpeed, no Ray)."""
