@@ -10,9 +10,18 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MASTER_ADDR := 127.0.0.1
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 install: $(STAMP)
+
+# The server test drives a real headless Chromium: Debian's packages (pip's browser installers download at run
+# time, which offline machines cannot). Installed once, as root or through sudo.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+		echo "make browser: need root or sudo to apt-get install chromium chromium-driver" >&2; exit 1; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+		chromium chromium-driver fonts-dejavu-core
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,19 +35,27 @@ $(STAMP): pyproject.toml Makefile
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cluster training shards launch tests
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(MAKE) lint
 	$(PY) -m pytest tests
 
-# Synthetic benchmark -> shards -> training on a local Ray (127.0.0.1, 2 workers) -> eval of the final checkpoint.
+# Synthetic benchmark -> shards -> training on a local Ray (127.0.0.1, 2 workers) -> eval of the final checkpoint
+# -> an inference bundle -> a Ray Data index of the val gallery -> one search drawn as runs/demo/search.png.
 # The run lands in runs/demo/; running it again resumes (and finds the run already finished).
 demo: $(STAMP)
 	$(PY) launch/make_synthetic.py
 	$(PY) launch/build_shards.py --config configs/tiny.yaml
 	$(PY) launch/train.py --config configs/tiny.yaml
 	$(PY) launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
-	@echo "run directory: runs/demo   (checkpoints/, tensorboard/, eval/)"
+	$(PY) launch/export.py --checkpoint runs/demo/checkpoints/latest --out runs/demo/bundle --overwrite
+	$(PY) launch/index.py --config configs/tiny.yaml --bundle runs/demo/bundle --benchmark synthetic \
+		--out runs/demo/index --overwrite
+	$(PY) launch/search.py --config configs/tiny.yaml --index runs/demo/index --benchmark synthetic --query 0 \
+		-k 10 --sheet runs/demo/search.png
+	@echo "run directory: runs/demo   (checkpoints/, tensorboard/, eval/, bundle/, index/)"
 	@echo "tensorboard --logdir runs/demo/tensorboard"
+	@echo "search sheet:  runs/demo/search.png"
+	@echo "serve it:      .venv/bin/python launch/serve.py --index runs/demo/index   (then open http://127.0.0.1:8000)"
 
 clean:
 	rm -rf $(VENV) data/shards runs

@@ -3,6 +3,7 @@
     python launch/search.py --index indexes/photos --image ref.jpg --text "with a red roof" [-k 20] [--sheet out.png]
     python launch/search.py --index indexes/photos --queries queries.jsonl --out results.jsonl
     python launch/search.py --index indexes/synthetic_val --benchmark synthetic --split val --out results.jsonl
+    python launch/search.py --index indexes/synthetic_val --benchmark synthetic --query 0 --sheet search.png
 
 The query encoder comes from the bundle the index records (`--bundle` to name it elsewhere); an index built from
 another bundle is refused. A batch (`--queries`, JSONL of {"image", "text", optional "id", "target", "exclude"}, or
@@ -12,7 +13,6 @@ known. `--sheet` draws the query and its top-k as a PNG contact sheet, the targe
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,31 +26,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--index", required=True, help="an index directory (launch/index.py)")
     parser.add_argument("--bundle", help="the bundle to encode queries with (default: the one the index records)")
     parser.add_argument("-k", type=int, help="results per query (default index.top_k)")
-    parser.add_argument("--image", help="the reference image of one query")
-    parser.add_argument("--text", help="the modification text of one query")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="one query: the reference image (with --text)")
+    source.add_argument("--queries", help="a JSONL batch of queries (with --out)")
+    source.add_argument("--benchmark", help="every labelled query of a registered benchmark split (or --query ID)")
+    parser.add_argument("--text", help="one query: the modification text")
     parser.add_argument("--target", help="one query: the gallery id of the known answer (framed green on the sheet)")
     parser.add_argument("--sheet", help="one query: write a contact sheet PNG here")
-    parser.add_argument("--queries", help="a JSONL batch of queries")
-    parser.add_argument("--benchmark", help="a batch of every labelled query of a registered benchmark split")
     parser.add_argument("--split", default="val", help="with --benchmark: the split (default val)")
+    parser.add_argument("--query", help="with --benchmark: search only this query id, as one query (--sheet works)")
     parser.add_argument("--out", help="batch: the JSONL of results to write")
 
 
 def _usage_problem(args) -> str | None:
-    single, batch = args.image is not None or args.text is not None, args.queries or args.benchmark
-    if single and batch:
-        return "give either --image/--text (one query) or --queries/--benchmark (a batch), not both"
-    if not single and not batch:
-        return "give --image and --text (one query), or --queries or --benchmark (a batch)"
-    if single and (args.image is None or args.text is None):
+    single = args.image is not None or args.query is not None
+    if (args.image is None) != (args.text is None):
         return "one query needs both --image and --text"
-    if args.queries and args.benchmark:
-        return "give --queries or --benchmark, not both"
-    if batch and not args.out:
-        return "a batch needs --out results.jsonl"
-    if args.k is not None and args.k < 1:
-        return "-k must be >= 1"
-    return None
+    if args.query is not None and not args.benchmark:
+        return "--query picks a query of --benchmark"
+    if not single and (args.sheet or not args.out):
+        return "a batch writes --out results.jsonl; --sheet draws one query (--image/--text, or --query)"
+    return "-k must be >= 1" if args.k is not None and args.k < 1 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,66 +59,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     logging.basicConfig(level=logging.ERROR)
-    from training.retrieval.bundle import BundleError, load_bundle
-    from training.retrieval.index import GalleryIndex, GalleryIndexError
+    from training.retrieval.bundle import BundleError
+    from training.retrieval.gallery_index import GalleryIndexError
+    from training.retrieval.queries import QueryFileError, open_search
     from training.retrieval.retriever import UnreadableImage
-    from training.retrieval.search import QueryFileError
 
     k = args.k or config.index.top_k
     try:
-        index = GalleryIndex.open(args.index)
-        bundle = args.bundle or index.bundle_dir
-        if bundle is None:
-            raise GalleryIndexError(f"{args.index} does not record its bundle: pass --bundle")
-        retriever = load_bundle(bundle)
-        index.check_bundle(retriever.bundle_hash)
+        index, retriever = open_search(args.index, args.bundle)
+        if args.query is not None:
+            from training.retrieval.queries import benchmark_query, read_benchmark_split
+
+            chosen = benchmark_query(read_benchmark_split(config.eval, args.benchmark, args.split), args.query)
+            return _one_query(args, retriever, index, k, chosen.image, chosen.text, chosen.target, chosen.exclude)
         if args.image is not None:
-            return _one_query(args, retriever, index, k)
+            return _one_query(args, retriever, index, k, args.image, args.text, args.target)
         return _batch(args, config, retriever, index, k)
     except (BundleError, GalleryIndexError, QueryFileError, UnreadableImage, ValueError) as error:
         print(f"search error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
 
 
-def _one_query(args, retriever, index, k: int) -> int:
+def _one_query(args, retriever, index, k: int, image: str, text: str, target: str | None, exclude=None) -> int:
+    from training.retrieval.queries import format_hits
     from training.retrieval.sheet import contact_sheet
 
-    hits = index.search(retriever.encode_query(args.image, args.text)[None], k)[0]
-    print(f'query: {args.image} + "{args.text}"   ({len(index)} images in {args.index})')
-    for hit in hits:
-        marker = "  <- target" if hit.id == args.target else ""
-        print(f"{hit.rank:4d}  {hit.score:7.4f}  {hit.id}{marker}")
+    hits = index.search(retriever.encode_query(image, text)[None], k, [exclude or []])[0]
+    print(f'query: {image} + "{text}"   ({len(index)} images in {args.index})')
+    print(format_hits(hits, target, k))
     if args.sheet:
-        print(f"contact sheet: {contact_sheet(args.image, args.text, hits, args.sheet, target=args.target)}")
+        print(f"contact sheet: {contact_sheet(image, text, hits, args.sheet, target=target)}")
     return 0
 
 
 def _batch(args, config, retriever, index, k: int) -> int:
-    from training.retrieval.search import (
-        benchmark_queries,
-        read_benchmark_split,
-        read_queries,
-        recall_summary,
-        result_record,
-        search_batch,
-    )
+    from training.retrieval.queries import benchmark_queries, read_benchmark_split, read_queries, search_to_file
 
     if args.benchmark:
         queries = benchmark_queries(read_benchmark_split(config.eval, args.benchmark, args.split))
     else:
         queries = read_queries(args.queries)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records = []
-    partial = out.with_name(f".{out.name}.partial")
-    with open(partial, "w") as handle:
-        for query, hits in search_batch(retriever, index, queries, k, config.index.batch_size):
-            record = result_record(query, hits)
-            records.append(record)
-            handle.write(json.dumps(record) + "\n")
-    partial.replace(out)
-    print(f"{len(records)} queries searched; results: {out}")
-    summary = recall_summary(records, k)
+    records, summary = search_to_file(retriever, index, queries, k, args.out, config.index.batch_size)
+    print(f"{len(records)} queries searched; results: {args.out}")
     if summary:
         print("  ".join(f"{name} {100 * value:.2f}" for name, value in summary.items()))
     return 0

@@ -17,7 +17,7 @@ from eval_fixtures import write_checkpoint, write_image, write_synthetic
 from cluster.root_config import load_config
 from training.retrieval.bundle import BundleError, export_bundle, load_bundle
 from training.retrieval.config import IndexConfig
-from training.retrieval.index import (
+from training.retrieval.gallery_index import (
     MANIFEST,
     SHARDS,
     BundleMismatch,
@@ -276,6 +276,16 @@ def test_batch_search_gives_the_eval_jobs_recall(world, tmp_path) -> None:
         assert found == pytest.approx(expected[f"recall@{cutoff}"], abs=1e-9), cutoff
         assert f"recall@{cutoff} {100 * expected[f'recall@{cutoff}']:.2f}" in searched.stdout
     assert all(record["image"] not in [hit["path"] for hit in record["results"]] for record in records)
+    first = records[0]
+    sheet = tmp_path / "search.png"
+    one = _launch(
+        "search.py", "--config", TINY, "--index", str(index_dir), "--benchmark", "synthetic", "--query", first["id"],
+        "-k", "10", "--sheet", str(sheet), *overrides[1:2],
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    printed = [line.split()[2] for line in one.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert printed == [hit["id"] for hit in first["results"]] and sheet.is_file()
+    assert ("<- target" in one.stdout) == (first["target_rank"] is not None)
 
 
 def test_single_query_prints_the_top_k_and_draws_a_sheet(world, tmp_path) -> None:
@@ -321,7 +331,7 @@ def test_an_index_refuses_queries_from_another_bundle(world, tmp_path) -> None:
 
 
 def test_a_malformed_query_file_names_the_line(world, tmp_path) -> None:
-    from training.retrieval.search import QueryFileError, read_queries
+    from training.retrieval.queries import QueryFileError, read_queries
 
     queries = tmp_path / "queries.jsonl"
     queries.write_text('{"image": "a.png", "text": "red"}\n{"image": "b.png"}\n')

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from training.retrieval.gallery_index import GalleryIndex, GalleryIndexError, GalleryItem
 from training.retrieval.hit import Hit
-from training.retrieval.index import GalleryIndex, GalleryItem
 
 if TYPE_CHECKING:
     from training.evaluation.benchmarks.base import BenchmarkSplit
@@ -82,6 +82,24 @@ def read_queries(path: str | Path) -> list[SearchQuery]:
     return queries
 
 
+def open_search(index_dir: str | Path, bundle: str | Path | None = None) -> tuple[GalleryIndex, Retriever]:
+    """An index and the query encoder of its bundle (the one it records, unless `bundle` names another).
+
+    Raises:
+        GalleryIndexError: an unfinished or damaged index, no bundle known, or a bundle other than the index's.
+        training.retrieval.bundle.BundleError: a missing or damaged bundle.
+    """
+    from training.retrieval.bundle import load_bundle
+
+    index = GalleryIndex.open(index_dir)
+    bundle = bundle or index.bundle_dir
+    if bundle is None:
+        raise GalleryIndexError(f"{index_dir} does not record its bundle: pass --bundle")
+    retriever = load_bundle(bundle)
+    index.check_bundle(retriever.bundle_hash)
+    return index, retriever
+
+
 def search_batch(
     retriever: Retriever, index: GalleryIndex, queries: Sequence[SearchQuery], k: int, batch_size: int = 64
 ) -> Iterator[tuple[SearchQuery, list[Hit]]]:
@@ -93,6 +111,42 @@ def search_batch(
             embeddings = retriever.encode_queries([query.image for query in batch], [query.text for query in batch])
             yield from zip(batch, index.search(embeddings, k, [query.exclude for query in batch]))
             progress.update(len(batch))
+
+
+def search_to_file(
+    retriever: Retriever,
+    index: GalleryIndex,
+    queries: Sequence[SearchQuery],
+    k: int,
+    out: str | Path,
+    batch_size: int = 64,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Search a batch into a JSONL file; returns the records and their recall@K (empty without targets)."""
+    found = search_batch(retriever, index, queries, k, batch_size)
+    records = write_results((result_record(query, hits) for query, hits in found), out)
+    return records, recall_summary(records, k)
+
+
+def format_hits(hits: Sequence[Hit], target: str | None, k: int) -> str:
+    """The console listing of one query's hits: rank, score, id, the target marked."""
+    lines = [f"{hit.rank:4d}  {hit.score:7.4f}  {hit.id}{'  <- target' if hit.id == target else ''}" for hit in hits]
+    if target is not None and all(hit.id != target for hit in hits):
+        lines.append(f"target {target} is not in the top {k}")
+    return "\n".join(lines)
+
+
+def write_results(records: Iterator[dict[str, Any]], out: str | Path) -> list[dict[str, Any]]:
+    """Write result records as JSONL, renamed into place when complete; returns them."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    written = []
+    with open(partial, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+            written.append(record)
+    partial.replace(out)
+    return written
 
 
 def result_record(query: SearchQuery, hits: Sequence[Hit]) -> dict[str, Any]:
@@ -145,6 +199,16 @@ def read_benchmark_split(eval_config: EvalConfig, name: str, split: str) -> Benc
 def benchmark_gallery(split: BenchmarkSplit) -> list[GalleryItem]:
     """The split's gallery as index items: the benchmark's image names as ids."""
     return [GalleryItem(name, str(split.image_paths[name])) for name in split.gallery]
+
+
+def benchmark_query(split: BenchmarkSplit, query_id: str) -> SearchQuery:
+    """One labelled query of the split by its id; a ValueError names a few valid ids."""
+    queries = benchmark_queries(split)
+    chosen = next((query for query in queries if query.id == query_id), None)
+    if chosen is None:
+        known = ", ".join(query.id for query in queries[:5])
+        raise ValueError(f"{split.name} {split.split} has no query {query_id!r} (ids: {known}, ...)")
+    return chosen
 
 
 def benchmark_queries(split: BenchmarkSplit) -> list[SearchQuery]:
