@@ -1,6 +1,6 @@
 """Gallery embedding on Ray Data: encoder actors (one GPU each when the cluster has GPUs) encode fixed chunks.
 
-The build itself (shards, resume, the faiss index) is `training.retrieval.index.build_index`; this module only
+The build itself (shards, resume, the faiss index) is `training.retrieval.gallery_index.build_index`; this module only
 supplies its `ChunkEncoder`. Each Ray Data row is one chunk of at most `index.batch_size` images, mapped by an
 actor that loads the bundle once and calls `encode_chunk`, exactly what a single-process build calls, so both
 give the same embeddings bit for bit. Rows come back in input order (`preserve_order`).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.retrieval.index import ChunkEncoder, ChunkResult, GalleryItem
+from training.retrieval.gallery_index import ChunkEncoder, ChunkResult, GalleryItem
 
 
 class _ChunkEncoderActor:
@@ -26,7 +26,7 @@ class _ChunkEncoderActor:
         self.retriever = load_bundle(bundle, device=device, verify=False)
 
     def __call__(self, row: dict) -> dict:
-        from training.retrieval.index import encode_chunk
+        from training.retrieval.gallery_index import encode_chunk
 
         chunk = [GalleryItem(image_id, path) for image_id, path in zip(row["ids"], row["paths"])]
         result = encode_chunk(self.retriever, chunk)

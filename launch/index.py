@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
     logging.basicConfig(level=logging.ERROR)
     from training.retrieval.bundle import BundleError, load_bundle, read_bundle_info
-    from training.retrieval.index import GalleryIndexError, build_index, list_images
-    from training.retrieval.search import benchmark_gallery, read_benchmark_split
+    from training.retrieval.gallery_index import GalleryIndexError, build_index, list_images
+    from training.retrieval.queries import benchmark_gallery, read_benchmark_split
 
     try:
         info = read_bundle_info(args.bundle)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             items = list_images(args.images)
         workers = config.index.workers
         if workers == 0:
-            from training.retrieval.index import local_encoder
+            from training.retrieval.gallery_index import local_encoder
 
             retriever = load_bundle(args.bundle)
             encoder = local_encoder(retriever)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from training.retrieval.config import IndexConfig
-from training.retrieval.index import build_vector_index
+from training.retrieval.gallery_index import build_vector_index
 
 
 def random_unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
