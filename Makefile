@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(PY) launch/export.py --checkpoint runs/demo/checkpoints/latest --out runs/demo/bundle --overwrite
 	$(PY) launch/index.py --config configs/tiny.yaml --bundle runs/demo/bundle --benchmark synthetic \
 		--out runs/demo/index --overwrite
-	$(PY) launch/search.py --config configs/tiny.yaml --index runs/demo/index --benchmark synthetic --query 0 \
+	$(PY) launch/search.py --config configs/tiny.yaml --index runs/demo/index --benchmark synthetic --query 1 \
 		-k 10 --sheet runs/demo/search.png
 	@echo "run directory: runs/demo   (checkpoints/, tensorboard/, eval/, bundle/, index/)"
 	@echo "tensorboard --logdir runs/demo/tensorboard"

@@ -9,6 +9,7 @@ give the same embeddings bit for bit. Rows come back in input order (`preserve_o
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,12 +19,24 @@ from training.retrieval.gallery_index import ChunkEncoder, ChunkResult, GalleryI
 
 
 class _ChunkEncoderActor:
-    """A Ray Data actor: the bundle's gallery encoder, loaded once per actor."""
+    """A Ray Data actor: the bundle's gallery encoder, loaded once per actor (`for_bundle` sets which)."""
 
-    def __init__(self, bundle: str, device: str) -> None:
+    bundle = ""
+    device = "cpu"
+
+    def __init__(self) -> None:
+        import logging
+
         from training.retrieval.bundle import load_bundle
 
-        self.retriever = load_bundle(bundle, device=device, verify=False)
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the towers start random: weights follow
+        self.retriever = load_bundle(self.bundle, device=self.device, verify=False)
+
+    @classmethod
+    def for_bundle(cls, bundle: str, device: str) -> type:
+        """A subclass bound to one bundle: Ray ships it with the class, so no constructor arguments go through the
+        object store (which Ray warns about for restartable actors)."""
+        return type(cls.__name__, (cls,), {"bundle": bundle, "device": device})
 
     def __call__(self, row: dict) -> dict:
         from training.retrieval.gallery_index import encode_chunk
@@ -44,8 +57,12 @@ def ray_encoder(bundle: str | Path, workers: int, embed_dim: int, use_gpu: bool)
     """A `ChunkEncoder` that maps chunks over `workers` Ray Data actors (call after `cluster.ray_setup.connect`)."""
     import ray
 
+    # One tqdm bar for the whole build (build_index) instead of Ray Data's per-dataset progress log lines.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
     def encode(chunks: Sequence[Sequence[GalleryItem]]) -> Iterator[ChunkResult]:
         rows = [
@@ -53,9 +70,8 @@ def ray_encoder(bundle: str | Path, workers: int, embed_dim: int, use_gpu: bool)
             for number, chunk in enumerate(chunks)
         ]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            _ChunkEncoderActor,
-            fn_constructor_kwargs={"bundle": str(bundle), "device": "cuda" if use_gpu else "cpu"},
-            concurrency=max(1, min(workers, len(rows))),
+            _ChunkEncoderActor.for_bundle(str(bundle), "cuda" if use_gpu else "cpu"),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(rows)))),
             num_gpus=1 if use_gpu else 0,
             num_cpus=0 if use_gpu else 1,
         )

@@ -220,7 +220,7 @@ def build_index(
     shards = [items[start : start + config.shard_size] for start in range(0, len(items), config.shard_size)]
     pending = [index for index in range(len(shards)) if not (shard_dir / f"{_shard_stem(index)}.json").is_file()]
     todo = sum(len(shards[index]) for index in pending)
-    with tqdm(total=todo, desc="indexing", unit="img", dynamic_ncols=True) as progress:
+    with tqdm(total=todo, desc="indexing", unit="img", dynamic_ncols=True, disable=todo == 0) as progress:
         for shard_index in pending:
             shard = shards[shard_index]
             chunks = [shard[start : start + config.batch_size] for start in range(0, len(shard), config.batch_size)]
