@@ -10,18 +10,21 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MASTER_ADDR := 127.0.0.1
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: install browser demo test lint clean
+.PHONY: install system-packages demo test lint clean
 
 install: $(STAMP)
 
-# The server test drives a real headless Chromium: Debian's packages (pip's browser installers download at run
-# time, which offline machines cannot). Installed once, as root or through sudo.
-browser:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+# Debian packages the suite needs: a real headless Chromium for the server test (pip's browser installers download
+# at run time, which offline machines cannot), fonts for contact sheets, `ss` for the loopback-only checks.
+# Installed once, as root or through sudo.
+SYSTEM_PACKAGES := chromium chromium-driver fonts-dejavu-core iproute2
+system-packages:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v ss >/dev/null \
+		&& [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
-		echo "make browser: need root or sudo to apt-get install chromium chromium-driver" >&2; exit 1; fi; \
+		echo "make system-packages: need root or sudo to apt-get install $(SYSTEM_PACKAGES)" >&2; exit 1; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-		chromium chromium-driver fonts-dejavu-core
+		$(SYSTEM_PACKAGES)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cluster training shards launch tests
 
-test: $(STAMP) browser
+test: $(STAMP) system-packages
 	$(MAKE) lint
 	$(PY) -m pytest tests
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import ClusterConfig
+from cluster.serving.config import ServeConfig
 from shards.config import DataConfig
 from training.checkpoint.config import CheckpointConfig
 from training.config_loader import load_structured
@@ -51,6 +52,7 @@ class RootConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         self.train.geometry(self.cluster.num_workers)  # the global batch must split evenly

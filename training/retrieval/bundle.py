@@ -15,7 +15,6 @@ other tools too:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from shards.format import file_sha256
 
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
@@ -76,15 +77,6 @@ class BundleInfo:
     @property
     def quick_gelu(self) -> bool:
         return bool(self.model.get("quick_gelu"))
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_bundle_info(directory: str | Path) -> BundleInfo:
@@ -210,6 +202,22 @@ def _save_towers(clip_model, path: Path) -> None:
     save_file(state, str(path))
 
 
+def verify_bundle(directory: str | Path) -> BundleInfo:
+    """The manifest of a bundle whose weights match the sha256 it records (reads the weights file once).
+
+    Raises:
+        BundleError: a missing or malformed manifest, missing weights, or weights that do not match.
+    """
+    directory = Path(directory)
+    info = read_bundle_info(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise BundleError(f"bundle weights missing: {weights}")
+    if file_sha256(weights) != info.weights_sha256:
+        raise BundleError(f"{weights} does not match the sha256 in {directory / MANIFEST}: the bundle is damaged")
+    return info
+
+
 def load_bundle(directory: str | Path, device: str = "auto", verify: bool = True):
     """The `Retriever` of an inference bundle; imports neither DeepSpeed nor Ray.
 
@@ -224,10 +232,5 @@ def load_bundle(directory: str | Path, device: str = "auto", verify: bool = True
     from training.retrieval.retriever import Retriever
 
     directory = Path(directory)
-    info = read_bundle_info(directory)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise BundleError(f"bundle weights missing: {weights}")
-    if verify and file_sha256(weights) != info.weights_sha256:
-        raise BundleError(f"{weights} does not match the sha256 in {directory / MANIFEST}: the bundle is damaged")
+    info = verify_bundle(directory) if verify else read_bundle_info(directory)
     return Retriever.from_bundle(directory, info, device)
