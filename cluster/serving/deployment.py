@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -152,6 +153,9 @@ def run_server(
         announce(f"serving {url}  ({serve_config.replicas} replica(s); Ctrl-C stops)")
         if not blocking:
             return url
+        # `ray job stop` and service managers send SIGTERM: stop as on Ctrl-C, so a Serve application (which
+        # outlives its driver on a cluster) never keeps answering after the command that started it is gone.
+        signal.signal(signal.SIGTERM, _interrupt)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -162,3 +166,7 @@ def run_server(
         else:
             serve.delete(APP_NAME)
     return url
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
