@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     logging.basicConfig(level=logging.ERROR)
-    from training.retrieval.bundle import BundleError, load_bundle, read_bundle_info
+    from training.retrieval.bundle import BundleError, load_bundle, verify_bundle
     from training.retrieval.gallery_index import GalleryIndexError, build_index, list_images
     from training.retrieval.queries import benchmark_gallery, read_benchmark_split
 
     try:
-        info = read_bundle_info(args.bundle)
+        info = verify_bundle(args.bundle)  # the actors then load it unchecked
         if args.benchmark:
             items = benchmark_gallery(read_benchmark_split(config.eval, args.benchmark, args.split))
         else:

@@ -364,3 +364,28 @@ def test_approximate_indexes_keep_95_percent_of_the_exact_top_10() -> None:
     )
     assert result["hnsw"]["recall"] >= 0.95
     assert ivf_half["recall"] >= 0.95
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_build(world, tmp_path) -> None:
+    """`--overwrite` replaces an index or a bundle; a folder of the user's own files is refused and left intact."""
+    photos = tmp_path / "photos"
+    for index in range(3):
+        write_image(photos / f"p{index}.png", index)
+    retriever = load_bundle(world["bundle"], device="cpu")
+    with pytest.raises(GalleryIndexError, match="is not an index build"):
+        build_index(photos, list_images(photos), retriever.bundle_hash, 64, IndexConfig(), local_encoder(retriever),
+                    overwrite=True)  # fmt: skip
+    with pytest.raises(FileExistsError, match="is not an inference bundle"):
+        export_bundle(world["checkpoint"], photos, overwrite=True)
+    assert sorted(path.name for path in photos.iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    assert all(Path(item.path).is_absolute() for item in list_images(photos))
+
+
+def test_a_gallery_of_only_unreadable_images_lists_them(world, tmp_path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("no image")
+    retriever = load_bundle(world["bundle"], device="cpu")
+    with pytest.raises(GalleryIndexError, match="none of the 1 images"):
+        build_index(tmp_path / "index", list_images(tmp_path / "bad"), retriever.bundle_hash, 64, IndexConfig(),
+                    local_encoder(retriever))  # fmt: skip
+    assert "a.png" in (tmp_path / "index" / "skipped.jsonl").read_text()

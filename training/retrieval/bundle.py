@@ -134,6 +134,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not (out / MANIFEST).is_file():  # --overwrite replaces a bundle, never another folder
+        raise FileExistsError(f"{out} exists and is not an inference bundle; choose another --out")
     step, checkpoint_dir = resolve_checkpoint(checkpoint)
     model, saved = load_checkpoint_model(checkpoint_dir, _cpu())
     resolved = with_tower_flags(saved)

@@ -85,7 +85,7 @@ def list_images(source: str | Path) -> list[GalleryItem]:
     source = Path(source)
     if source.is_dir():
         files = sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-        items = [GalleryItem(path.relative_to(source).as_posix(), str(path)) for path in files]
+        items = [GalleryItem(path.relative_to(source).as_posix(), str(path.resolve())) for path in files]
     elif source.is_file():
         items = list(_read_list(source))
     else:
@@ -116,7 +116,7 @@ def _read_list(path: Path) -> Iterator[GalleryItem]:
             image_id, _, image_path = line.rpartition("\t")
             image_id = image_id or image_path
         resolved = Path(image_path) if Path(image_path).is_absolute() else base / image_path
-        yield GalleryItem(image_id, str(resolved))
+        yield GalleryItem(image_id, str(resolved.resolve()))  # absolute: the server and sheets run elsewhere
 
 
 def items_digest(items: Sequence[GalleryItem]) -> str:
@@ -254,8 +254,9 @@ def _prepare(out: Path, plan: dict[str, Any], overwrite: bool) -> None:
             raise GalleryIndexError(
                 f"{out} holds another build (differs in {', '.join(differs)}); pass --overwrite or choose another --out"
             )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise GalleryIndexError(f"{out} exists and is not an index build; pass --overwrite or choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        # --overwrite only ever replaces an index build: never a folder of the user's own files.
+        raise GalleryIndexError(f"{out} exists and is not an index build; choose another --out")
     if out.exists() and overwrite:
         import shutil
 
@@ -300,13 +301,13 @@ def read_shards(out: Path, shards: int) -> tuple[list[str], list[str], np.ndarra
 
 def _finish(out: Path, shards: int, plan: dict[str, Any], config: IndexConfig, embed_dim: int) -> tuple[int, int]:
     ids, _, embeddings, skipped = read_shards(out, shards)
+    _atomic_write(
+        out / SKIPPED, lambda target: target.write_text("".join(json.dumps(entry) + "\n" for entry in skipped))
+    )
     if not ids:
         raise GalleryIndexError(f"none of the {plan['count']} images could be read; see {out / SKIPPED}")
     vectors, params = build_vector_index(embeddings, config)
     _atomic_write(out / VECTORS, lambda target: _write_faiss(vectors, target))
-    _atomic_write(
-        out / SKIPPED, lambda target: target.write_text("".join(json.dumps(entry) + "\n" for entry in skipped))
-    )
     manifest = {
         **plan,
         "dim": embed_dim,
