@@ -20,6 +20,7 @@ from training.evaluation.config import EvalConfig
 from training.model.config import ModelConfig
 from training.monitor.config import LoggingConfig
 from training.objectives.config import LossConfig
+from training.objectives.pretrain_config import PretrainConfig
 from training.retrieval.config import IndexConfig
 from training.trainer.config import TrainConfig
 
@@ -44,6 +45,7 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -6,8 +6,13 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-SOURCE_KINDS = ("cirr", "lasco", "jsonl")
+from shards.caption_joining import FASHIONIQ_CATEGORIES
+
+SOURCE_KINDS = ("cirr", "lasco", "jsonl", "cirr_r", "hotel_cir", "fashioniq")
+CAPTION_MODES = ("each", "joined")
+DEFAULT_CAPTION_JOINER = " and "
 NP_PARSERS = ("stanza", "trees")
+NP_SELECTIONS = ("bfs", "leaf")
 
 
 @dataclass
@@ -17,13 +22,25 @@ class SourceConfig:
     name: str = MISSING
     """Label of the source: prefixes sample ids and names the source in build statistics."""
     kind: str = MISSING
-    """Reader: `cirr` (CIRR on-disk layout), `lasco` (LaSCo JSON) or `jsonl` (manifest, one triplet a line)."""
+    """Reader: `cirr` (CIRR on-disk layout), `lasco` (LaSCo JSON), `jsonl` (manifest, one triplet a line),
+    `cirr_r` (CIRR_R as released), `hotel_cir` (Hotel-CIR as released) or `fashioniq` (FashionIQ layout)."""
     path: str = MISSING
-    """cirr: the dataset root holding `cirr/`; lasco: the `lasco_{split}.json` file; jsonl: the manifest file."""
+    """cirr: the dataset root holding `cirr/`; lasco: the `lasco_{split}.json` file; jsonl: the manifest file;
+    cirr_r: the root holding `rewritten_captions/`; hotel_cir: the root holding `captions/` and `images/`;
+    fashioniq: the root holding `captions/` and `images/`."""
     image_root: str | None = None
-    """lasco only: the COCO root that the LaSCo image paths are relative to."""
+    """lasco (required): the COCO root that the LaSCo image paths are relative to. cirr_r: the CIRR root holding
+    `cirr/image_splits/` that names the images (default: `path`)."""
     split: str = "train"
-    """cirr only: which `cap.rc2.{split}.json` to read."""
+    """cirr: which `cap.rc2.{split}.json`; cirr_r: `rewritten_{split}.json`; hotel_cir: `hotel_{split}_data.json`
+    (images from `images/train/` for train, `images/val_test/` otherwise); fashioniq: `cap.{category}.{split}.json`."""
+    caption_mode: str = "each"
+    """cirr_r only: `each` makes one triplet per difference caption; `joined` one triplet per image pair whose
+    caption is the pair's difference captions joined by `caption_joiner`."""
+    caption_joiner: str = DEFAULT_CAPTION_JOINER
+    """cirr_r with caption_mode `joined`: the text between two difference captions (trailing periods dropped)."""
+    categories: list[str] = field(default_factory=lambda: list(FASHIONIQ_CATEGORIES))
+    """fashioniq only: the categories read (`dress`, `shirt`, `toptee`)."""
     weight: float = 1.0
     """Mixture weight: every triplet is taken floor(weight) times, plus once more with probability frac(weight)."""
     trees: str | None = None
@@ -36,6 +53,26 @@ class SourceConfig:
             raise ValueError(f"data.sources[{self.name}].weight={self.weight} must be positive")
         if self.kind == "lasco" and not self.image_root:
             raise ValueError(f"data.sources[{self.name}].image_root is required for a lasco source (the COCO root)")
+        self._check_kind_options()
+
+    def _check_kind_options(self) -> None:
+        key = f"data.sources[{self.name}]"
+        if self.caption_mode not in CAPTION_MODES:
+            raise ValueError(f"{key}.caption_mode={self.caption_mode!r} must be one of {CAPTION_MODES}")
+        if self.kind != "cirr_r" and (self.caption_mode != "each" or self.caption_joiner != DEFAULT_CAPTION_JOINER):
+            raise ValueError(
+                f"{key}.caption_mode and caption_joiner apply to cirr_r sources only (this one is {self.kind!r})"
+            )
+        if not self.caption_joiner:
+            raise ValueError(f"{key}.caption_joiner must not be empty")
+        if self.kind != "fashioniq" and list(self.categories) != list(FASHIONIQ_CATEGORIES):
+            raise ValueError(f"{key}.categories applies to fashioniq sources only (this one is {self.kind!r})")
+        unknown = [category for category in self.categories if category not in FASHIONIQ_CATEGORIES]
+        if unknown or not self.categories or len(set(self.categories)) != len(self.categories):
+            raise ValueError(
+                f"{key}.categories={list(self.categories)} must be distinct FashionIQ categories out of "
+                f"{FASHIONIQ_CATEGORIES}"
+            )
 
 
 @dataclass
@@ -45,7 +82,11 @@ class NounPhraseConfig:
     parser: str = "stanza"
     """`stanza` (constituency parser) or `trees` (PTB bracket trees from each source's `trees` sidecar)."""
     max_nps: int = 10
-    """Noun phrases kept per caption, in breadth-first order."""
+    """Noun phrases kept per caption: the first ones in the order of `selection`."""
+    selection: str = "bfs"
+    """Which NP constituents are used: `bfs` every NP of the tree in breadth-first order (branch-level before
+    leaf-level, as the paper prescribes); `leaf` only the innermost NPs (those containing no other NP), left to
+    right. Changing it re-extracts the noun phrases and rebuilds the shards."""
     np_length: int = 16
     """Length the isolated NP ids are padded to, start and end tokens included."""
     stanza_dir: str | None = None
@@ -60,6 +101,8 @@ class NounPhraseConfig:
             raise ValueError(f"data.noun_phrases.parser={self.parser!r} must be one of {NP_PARSERS}")
         if self.max_nps < 0:
             raise ValueError("data.noun_phrases.max_nps must be >= 0")
+        if self.selection not in NP_SELECTIONS:
+            raise ValueError(f"data.noun_phrases.selection={self.selection!r} must be one of {NP_SELECTIONS}")
         if self.np_length < 3:
             raise ValueError("data.noun_phrases.np_length must be >= 3 (start, one token, end)")
 

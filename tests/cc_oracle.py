@@ -16,10 +16,10 @@ CONTEXT = 77
 
 
 def _image_tokens(model, image: torch.Tensor) -> torch.Tensor:
-    """(Q, W) open_clip ViT tokens after ln_post, CLS first."""
+    """(Q, W) open_clip ViT tokens, CLS first: the final states, or after ln_post when the model is built so."""
     visual = model.backbone.clip.visual
     hidden = visual.transformer(visual._embeds(image[None]))
-    return visual.ln_post(hidden)[0]
+    return (visual.ln_post(hidden) if model.backbone.tokens_after_ln_post else hidden)[0]
 
 
 def _text_states(model, ids: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def _layer_probabilities(model, tokens: torch.Tensor, ids: torch.Tensor) -> list
         heads, width = block.heads, tokens.shape[-1]
         head_dim = width // heads
         query = block.q_proj(block.query_norm(tokens)).view(-1, heads, head_dim).transpose(0, 1)
-        text = block.text_norm(states)
+        text = block.text_norm(states)  # an Identity unless model.text_kv_layernorm
         key = block.k_proj(text).view(-1, heads, head_dim).transpose(0, 1)
         value = block.v_proj(text).view(-1, heads, head_dim).transpose(0, 1)
         scores = query @ key.transpose(1, 2) / head_dim**0.5

@@ -85,7 +85,7 @@ def test_build_reports_skips_and_totals_match(tmp_path, damaged_cirr, capsys):
     assert index["totals"]["samples"] == len(entries) - index["totals"]["skipped"] == TRIPLETS - 2
     assert (stats["read"], stats["taken"], stats["samples"]) == (TRIPLETS, TRIPLETS, TRIPLETS - 2)
     assert index["tokenizer"] == tokenizer_name(TINY_BACKBONE)
-    assert index["noun_phrases"] == {"parser": "trees", "max_nps": 10, "np_length": 16}
+    assert index["noun_phrases"] == {"parser": "trees", "max_nps": 10, "selection": "bfs", "np_length": 16}
     loaded = ShardIndex.load(shards)
     for entry in loaded.shards:
         assert file_sha256(shards / entry.name) == entry.sha256

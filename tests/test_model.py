@@ -192,8 +192,9 @@ def test_local_open_clip_weights_file_gives_bitwise_equal_towers(tmp_path, suffi
 
 
 def _tokens(clip, batch):
+    """The image tokens the fusion head attends from by default: CLS then patches, before `ln_post`."""
     visual = clip.visual
-    return visual.ln_post(visual.transformer(visual._embeds(batch["reference_image"])))
+    return visual.transformer(visual._embeds(batch["reference_image"]))
 
 
 def test_weights_file_that_does_not_fit_is_a_clear_error(tmp_path):

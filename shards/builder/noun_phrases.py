@@ -1,4 +1,5 @@
-"""Noun phrases of modification captions from constituency trees, in breadth-first order.
+"""Noun phrases of modification captions from constituency trees: every NP in breadth-first order, or only the
+innermost NPs left to right (`data.noun_phrases.selection`).
 
 Two ways to get the trees: stanza's constituency parser (`tokenize,pos,constituency`, batched, GPU when present),
 or PTB bracket strings from a JSONL sidecar (`{"caption", "tree"}`) read with stanza's own tree reader. Either way
@@ -12,13 +13,13 @@ import json
 import logging
 import string
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.config import NounPhraseConfig
+from shards.config import NP_SELECTIONS, NounPhraseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +97,60 @@ def _is_noun_phrase(label: str | None) -> bool:
     return bool(label) and (label == NP_LABEL or label.startswith((NP_LABEL + "-", NP_LABEL + "=")))
 
 
-def bfs_noun_phrases(
-    trees: Sequence, leaf_offsets: Sequence[tuple[int, int]], caption: str, max_nps: int
-) -> list[NounPhrase]:
-    """NP constituents of `trees` (the sentences of one caption) in breadth-first order.
+def _breadth_first(trees: Sequence, first_leaf: dict[int, int]) -> Iterator[tuple[object, int]]:
+    """(NP node, number of its tree's first leaf) of every tree, walked together level by level."""
+    queue = deque((tree, first_leaf[id(tree)]) for tree in trees)
+    while queue:
+        node, base = queue.popleft()
+        if node.is_leaf():
+            continue
+        if _is_noun_phrase(node.label):
+            yield node, base
+        queue.extend((child, base) for child in node.children)
 
-    The trees are walked together level by level, so a branch-level NP of any sentence comes before a leaf-level
-    one. An NP equal to the whole caption (ignoring case and surrounding punctuation), an NP without a letter or
+
+def _innermost(trees: Sequence, first_leaf: dict[int, int]) -> Iterator[tuple[object, int]]:
+    """(NP node, number of its tree's first leaf) of the NPs that contain no other NP, left to right."""
+    for tree in trees:
+        has_np: dict[int, bool] = {}  # node -> an NP at or below it
+        # Iterative post-order (deep trees cannot hit the recursion limit). Innermost NPs never nest, so the order
+        # in which post-order finishes them is their left-to-right order.
+        stack = [(tree, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node.is_leaf():
+                has_np[id(node)] = False
+            elif expanded:
+                below = any(has_np[id(child)] for child in node.children)
+                is_np = _is_noun_phrase(node.label)
+                if is_np and not below:
+                    yield node, first_leaf[id(tree)]
+                has_np[id(node)] = is_np or below
+            else:
+                stack.append((node, True))
+                stack.extend((child, False) for child in reversed(node.children))
+
+
+def select_noun_phrases(
+    trees: Sequence, leaf_offsets: Sequence[tuple[int, int]], caption: str, max_nps: int, selection: str = "bfs"
+) -> list[NounPhrase]:
+    """NP constituents of `trees` (the sentences of one caption), per `selection`.
+
+    `bfs`: every NP, the trees walked together level by level, so a branch-level NP of any sentence comes before
+    a leaf-level one. `leaf`: only the NPs that contain no other NP, left to right through the sentences. Either
+    way an NP equal to the whole caption (ignoring case and surrounding punctuation), an NP without a letter or
     digit, and a repeat of an earlier NP's text (case-insensitive: it would have the same isolated tokens) are
-    dropped; at most `max_nps` are kept.
+    dropped, and at most `max_nps` are kept.
 
     Args:
         trees: stanza `Tree`s whose leaves, in order, are the words that `leaf_offsets` locate.
         leaf_offsets: `[start, end)` character range in `caption` of every leaf of every tree, in order.
         caption: the caption the offsets index.
         max_nps: how many noun phrases to keep.
+        selection: `bfs` or `leaf` (`data.noun_phrases.selection`).
     """
+    if selection not in NP_SELECTIONS:
+        raise ValueError(f"data.noun_phrases.selection={selection!r} must be one of {NP_SELECTIONS}")
     ranges: dict[int, tuple[int, int]] = {}
     first_leaf: dict[int, int] = {}
     total = 0
@@ -125,20 +164,17 @@ def bfs_noun_phrases(
     whole = _core(caption)
     found: list[NounPhrase] = []
     seen: set[str] = set()
-    queue = deque((tree, first_leaf[id(tree)]) for tree in trees)
-    while queue and len(found) < max_nps:
-        node, base = queue.popleft()
-        if node.is_leaf():
-            continue
-        if _is_noun_phrase(node.label):
-            first, last = ranges[id(node)]
-            start, end = leaf_offsets[base + first][0], leaf_offsets[base + last][1]
-            text = caption[start:end]
-            key = _normalised(text)
-            if key not in seen and _core(text) != whole and any(char.isalnum() for char in text):
-                seen.add(key)
-                found.append(NounPhrase(text, start, end))
-        queue.extend((child, base) for child in node.children)
+    candidates = _innermost(trees, first_leaf) if selection == "leaf" else _breadth_first(trees, first_leaf)
+    for node, base in candidates:
+        if len(found) >= max_nps:
+            break
+        first, last = ranges[id(node)]
+        start, end = leaf_offsets[base + first][0], leaf_offsets[base + last][1]
+        text = caption[start:end]
+        key = _normalised(text)
+        if key not in seen and _core(text) != whole and any(char.isalnum() for char in text):
+            seen.add(key)
+            found.append(NounPhrase(text, start, end))
     return found
 
 
@@ -187,8 +223,11 @@ def read_tree_sidecar(path: str | Path) -> dict[str, str]:
     return trees
 
 
-def extract_from_trees(captions: Iterable[str], trees_by_caption: dict[str, str], max_nps: int) -> Extraction:
-    """Noun phrases of `captions` from given PTB bracket trees, parsed by stanza's tree reader."""
+def extract_from_trees(
+    captions: Iterable[str], trees_by_caption: dict[str, str], max_nps: int, selection: str = "bfs"
+) -> Extraction:
+    """Noun phrases of `captions` from given PTB bracket trees, parsed by stanza's tree reader (see
+    `select_noun_phrases` for `max_nps` and `selection`)."""
     from stanza.models.constituency.tree_reader import read_trees
 
     result = Extraction({}, {})
@@ -208,7 +247,7 @@ def extract_from_trees(captions: Iterable[str], trees_by_caption: dict[str, str]
         if offsets is None or not trees:
             result.skipped[caption] = "tree_mismatch"
             continue
-        result.noun_phrases[caption] = bfs_noun_phrases(trees, offsets, caption, max_nps)
+        result.noun_phrases[caption] = select_noun_phrases(trees, offsets, caption, max_nps, selection)
     return result
 
 
@@ -275,8 +314,11 @@ def _word_offsets(sentence) -> list[tuple[int, int]] | None:
     return offsets
 
 
-def noun_phrases_of_document(document, caption: str, max_nps: int) -> list[NounPhrase] | None:
-    """Noun phrases of one stanza-parsed caption; None when its trees and words do not line up."""
+def noun_phrases_of_document(
+    document, caption: str, max_nps: int, selection: str = "bfs"
+) -> list[NounPhrase] | None:
+    """Noun phrases of one stanza-parsed caption (`select_noun_phrases`); None when its trees and words do not
+    line up."""
     trees = [sentence.constituency for sentence in document.sentences]
     offsets: list[tuple[int, int]] = []
     for sentence in document.sentences:
@@ -286,7 +328,7 @@ def noun_phrases_of_document(document, caption: str, max_nps: int) -> list[NounP
         offsets.extend(sentence_offsets)
     if sum(len(tree.leaf_labels()) for tree in trees) != len(offsets):
         return None
-    return bfs_noun_phrases(trees, offsets, caption, max_nps)
+    return select_noun_phrases(trees, offsets, caption, max_nps, selection)
 
 
 def extract_with_stanza(captions: Sequence[str], config: NounPhraseConfig, pipeline=None) -> Extraction:
@@ -306,7 +348,7 @@ def extract_with_stanza(captions: Sequence[str], config: NounPhraseConfig, pipel
         # bulk_process keeps one Document per caption, so character offsets stay relative to each caption.
         documents = pipeline.bulk_process(batch)
         for caption, document in zip(batch, documents, strict=True):
-            phrases = noun_phrases_of_document(document, caption, config.max_nps)
+            phrases = noun_phrases_of_document(document, caption, config.max_nps, config.selection)
             if phrases is None:
                 result.skipped[caption] = "parse_mismatch"
             else:
@@ -323,5 +365,6 @@ def extract_noun_phrases(captions: Sequence[str], config: NounPhraseConfig, tree
     if config.parser == "trees":
         if not trees_path:
             raise NounPhraseError("data.noun_phrases.parser=trees needs a `trees` sidecar on every source")
-        return extract_from_trees(dict.fromkeys(captions), read_tree_sidecar(trees_path), config.max_nps)
+        trees = read_tree_sidecar(trees_path)
+        return extract_from_trees(dict.fromkeys(captions), trees, config.max_nps, config.selection)
     return extract_with_stanza(captions, config)

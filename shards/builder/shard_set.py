@@ -76,7 +76,7 @@ def _cached_noun_phrases(
 ) -> Extraction:
     """Noun phrases of a source's captions, reusing the previous run's results (a stanza parse is slow)."""
     cache_path = shards_dir / f"noun_phrases-{sanitize_key(source.name)}.json"
-    settings = {"parser": config.parser, "max_nps": config.max_nps}
+    settings = {"parser": config.parser, "max_nps": config.max_nps, "selection": config.selection}
     if config.parser == "trees" and source.trees and Path(source.trees).is_file():
         settings["trees_sha256"] = file_sha256(source.trees)
     elif config.parser == "stanza":
@@ -85,7 +85,8 @@ def _cached_noun_phrases(
     if cache_path.is_file():
         try:
             payload = json.loads(cache_path.read_text())
-            if payload.get("settings") == settings:
+            # A cache from before `selection` existed was made breadth-first.
+            if {"selection": "bfs", **payload.get("settings", {})} == settings:
                 cached.skipped = dict(payload["skipped"])
                 cached.noun_phrases = {c: [NounPhrase(*p) for p in ps] for c, ps in payload["noun_phrases"].items()}
         except (ValueError, KeyError, TypeError):
@@ -157,6 +158,7 @@ def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[Shard
                 reference_path=triplet.reference_path,
                 target_path=triplet.target_path,
                 noun_phrases=phrases,
+                phrase_boxes={text: list(box) for text, box in triplet.phrase_boxes},
             )
         )
     random.Random(data.seed).shuffle(specs)
@@ -265,6 +267,7 @@ def build_shards(data: DataConfig, backbone: str, progress: bool = True) -> Buil
         noun_phrases={
             "parser": data.noun_phrases.parser,
             "max_nps": data.noun_phrases.max_nps,
+            "selection": data.noun_phrases.selection,
             "np_length": data.noun_phrases.np_length,
         },
         image_short_side=data.image_short_side,

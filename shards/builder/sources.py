@@ -1,5 +1,9 @@
 """Raw CIR datasets as triplets: readers for the CIRR layout, LaSCo JSON and JSONL manifests, and their mixture.
 
+The readers of the paper's released formats (CIRR_R, Hotel-CIR) and of FashionIQ live in `released_sources`;
+`read_source` dispatches to all of them by `SourceConfig.kind`. `Triplet` and `SourceError` (defined in
+`triplets`) are imported from here by callers.
+
 Every reader returns `Triplet`s in file order with a stable id `<source name>-<native id>`. Image paths are
 resolved here but not opened: a missing or unreadable image is the shard builder's business (skip and count),
 while a missing or malformed annotation file is an error that names the file.
@@ -9,37 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from shards.builder.released_sources import read_cirr_r, read_fashioniq_train, read_hotel_cir
+from shards.builder.triplets import SourceError, Triplet, load_json, phrase_boxes, require, resolve
 from shards.config import SourceConfig
 from shards.format import sanitize_key
-
-
-class SourceError(ValueError):
-    """An annotation file that is missing or cannot be read as its source kind; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Triplet:
-    """(reference image, modification caption, target image) of one raw dataset."""
-
-    id: str
-    """Stable id: `<source name>-<pairid | qid | id>`."""
-    source: str
-    """Name of the source (`SourceConfig.name`)."""
-    caption: str
-    reference_name: str
-    """The dataset's own name of the reference image (CIRR image name, COCO path, manifest path)."""
-    target_name: str
-    reference_path: str | None
-    """Resolved image file; None when the dataset's image list does not know `reference_name`."""
-    target_path: str | None
 
 
 @dataclass(frozen=True)
@@ -53,28 +36,6 @@ class MixtureItem:
     """0 for the first copy of the triplet, 1, 2, ... for the repeats a weight above 1 asks for."""
 
 
-def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise SourceError(f"{what} not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SourceError(f"{path}: not valid JSON ({error})") from error
-
-
-def _resolve(root: Path, relative: str) -> str:
-    return os.path.normpath(root / relative)
-
-
-def _require(entry: Any, keys: Sequence[str], where: str) -> None:
-    if not isinstance(entry, dict):
-        raise SourceError(f"{where}: expected an object, got {type(entry).__name__}")
-    missing = [key for key in keys if key not in entry]
-    if missing:
-        raise SourceError(f"{where}: missing key(s) {missing}")
-
-
 def read_cirr(source: SourceConfig) -> list[Triplet]:
     """Triplets of `<path>/cirr/captions/cap.rc2.{split}.json`, images named through `split.rc2.{split}.json`.
 
@@ -84,14 +45,14 @@ def read_cirr(source: SourceConfig) -> list[Triplet]:
     root = Path(source.path)
     captions_path = root / "cirr" / "captions" / f"cap.rc2.{source.split}.json"
     images_path = root / "cirr" / "image_splits" / f"split.rc2.{source.split}.json"
-    entries = _load_json(captions_path, f"CIRR captions of split {source.split!r}")
-    image_paths = _load_json(images_path, f"CIRR image split of split {source.split!r}")
+    entries = load_json(captions_path, f"CIRR captions of split {source.split!r}")
+    image_paths = load_json(images_path, f"CIRR image split of split {source.split!r}")
     if not isinstance(entries, list) or not isinstance(image_paths, dict):
         raise SourceError(f"{captions_path} must hold a list and {images_path} an object of name -> path")
     triplets = []
     for position, entry in enumerate(entries):
         where = f"{captions_path} entry {position}"
-        _require(entry, ("pairid", "reference", "caption"), where)
+        require(entry, ("pairid", "reference", "caption"), where)
         if entry.get("target_hard") is None:
             raise SourceError(
                 f"{where} (pairid {entry['pairid']}) has no target_hard: split {source.split!r} has no targets "
@@ -105,8 +66,8 @@ def read_cirr(source: SourceConfig) -> list[Triplet]:
                 caption=str(entry["caption"]),
                 reference_name=reference,
                 target_name=target,
-                reference_path=_resolve(root, image_paths[reference]) if reference in image_paths else None,
-                target_path=_resolve(root, image_paths[target]) if target in image_paths else None,
+                reference_path=resolve(root, image_paths[reference]) if reference in image_paths else None,
+                target_path=resolve(root, image_paths[target]) if target in image_paths else None,
             )
         )
     return triplets
@@ -126,14 +87,14 @@ def read_lasco(source: SourceConfig) -> list[Triplet]:
         SourceError: the file is missing or an entry is malformed.
     """
     path = Path(source.path)
-    entries = _load_json(path, "LaSCo annotation file")
+    entries = load_json(path, "LaSCo annotation file")
     if not isinstance(entries, list):
         raise SourceError(f"{path}: expected a list of LaSCo entries")
     image_root = Path(source.image_root or ".")
     triplets = []
     for position, entry in enumerate(entries):
         where = f"{path} entry {position}"
-        _require(entry, ("qid", "query-image", "query-text", "target-image"), where)
+        require(entry, ("qid", "query-image", "query-text", "target-image"), where)
         reference = _lasco_image(entry, "query-image", where)
         target = _lasco_image(entry, "target-image", where)
         triplets.append(
@@ -143,8 +104,8 @@ def read_lasco(source: SourceConfig) -> list[Triplet]:
                 caption=str(entry["query-text"]),
                 reference_name=reference,
                 target_name=target,
-                reference_path=_resolve(image_root, reference),
-                target_path=_resolve(image_root, target),
+                reference_path=resolve(image_root, reference),
+                target_path=resolve(image_root, target),
             )
         )
     return triplets
@@ -153,7 +114,9 @@ def read_lasco(source: SourceConfig) -> list[Triplet]:
 def read_jsonl(source: SourceConfig) -> list[Triplet]:
     """Triplets of a JSONL manifest, one `{"id", "reference", "target", "caption"}` a line.
 
-    Image paths are relative to the manifest's directory. Blank lines are ignored.
+    Image paths are relative to the manifest's directory. Blank lines are ignored. An optional `phrases` list,
+    `[{"text", "box": [x0, y0, x1, y1]}]`, gives the reference-image region of noun phrases (fractions), stored with
+    each matching NP in the shards (the pretraining objective of the towers uses them).
 
     Raises:
         SourceError: the manifest is missing, or a line is not a JSON object with those keys (file and line named).
@@ -172,8 +135,9 @@ def read_jsonl(source: SourceConfig) -> list[Triplet]:
                 entry = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SourceError(f"{where}: not valid JSON ({error.msg})") from error
-            _require(entry, ("id", "reference", "target", "caption"), where)
+            require(entry, ("id", "reference", "target", "caption"), where)
             reference, target = str(entry["reference"]), str(entry["target"])
+            boxes = phrase_boxes(entry.get("phrases", []), where)
             triplets.append(
                 Triplet(
                     id=f"{source.name}-{entry['id']}",
@@ -181,14 +145,22 @@ def read_jsonl(source: SourceConfig) -> list[Triplet]:
                     caption=str(entry["caption"]),
                     reference_name=reference,
                     target_name=target,
-                    reference_path=_resolve(root, reference),
-                    target_path=_resolve(root, target),
+                    reference_path=resolve(root, reference),
+                    target_path=resolve(root, target),
+                    phrase_boxes=boxes,
                 )
             )
     return triplets
 
 
-_READERS = {"cirr": read_cirr, "lasco": read_lasco, "jsonl": read_jsonl}
+_READERS = {
+    "cirr": read_cirr,
+    "lasco": read_lasco,
+    "jsonl": read_jsonl,
+    "cirr_r": read_cirr_r,
+    "hotel_cir": read_hotel_cir,
+    "fashioniq": read_fashioniq_train,
+}
 
 
 def read_source(source: SourceConfig) -> list[Triplet]:

@@ -53,6 +53,8 @@ class SampleSpec:
     target_path: str
     noun_phrases: list[tuple[str, int, int]]
     """(text, start char, end char) in breadth-first order."""
+    phrase_boxes: dict[str, list[float]] = field(default_factory=dict)
+    """NP text -> (x0, y0, x1, y1) in the reference image, for the NPs the source knows a box of."""
 
 
 @dataclass
@@ -156,6 +158,8 @@ def write_shard(task: ShardTask) -> ShardResult:
                     "noun_phrases": tokens.noun_phrases,
                     "dropped_nps": dict(tokens.dropped),
                 }
+                if spec.phrase_boxes:
+                    metadata["np_boxes"] = [spec.phrase_boxes.get(text) for text in tokens.noun_phrases]
                 members = encode_sample(
                     spec.key,
                     reference,

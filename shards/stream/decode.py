@@ -164,6 +164,12 @@ def decode_sample(record: Record, backbone: str, max_nps: int, np_length: int) -
     real = int(tokens.np_mask.sum())
     if not isinstance(phrases, list) or len(phrases) < real:
         raise ShardFormatError(f"json: noun_phrases must list one text per span, got {phrases!r} for {real} spans")
+    np_boxes = np.full((max_nps, 4), np.nan, dtype=np.float32)
+    for index, box in enumerate(metadata.get("np_boxes", [])[:real]):
+        if box is not None:
+            if not (isinstance(box, list) and len(box) == 4):
+                raise ShardFormatError(f"json: np_boxes[{index}] must be [x0, y0, x1, y1] or null, got {box!r}")
+            np_boxes[index] = box
     return {
         "reference_image": _image_tensor(fields["ref.jpg"], backbone, "ref.jpg"),
         "target_image": _image_tensor(fields["tgt.jpg"], backbone, "tgt.jpg"),
@@ -171,6 +177,7 @@ def decode_sample(record: Record, backbone: str, max_nps: int, np_length: int) -
         "np_spans": tokens.np_spans,
         "np_mask": tokens.np_mask,
         "np_ids": tokens.np_ids,
+        "np_boxes": np_boxes,
         "key": record.key,
         "caption": caption,
         "noun_phrases": [str(text) for text in phrases[:real]],
@@ -206,6 +213,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "np_spans": torch.from_numpy(np.stack([s["np_spans"] for s in samples]).astype(np.int64)),
         "np_mask": torch.from_numpy(np.stack([s["np_mask"] for s in samples]).astype(bool)),
         "np_ids": torch.from_numpy(np.stack([s["np_ids"] for s in samples]).astype(np.int64)),
+        "np_boxes": torch.from_numpy(np.stack([s["np_boxes"] for s in samples])),
         "keys": [s["key"] for s in samples],
         "captions": [s["caption"] for s in samples],
         "noun_phrases": [s["noun_phrases"] for s in samples],

@@ -2,7 +2,9 @@
 
 Every caption is built as a constituency tree first; the caption text is its leaves joined by single spaces, so
 the two can never disagree. Captions are lower case without punctuation. Object mentions are NPs such as
-(NP (DT the) (JJ red) (NN circle)); the caption records which of them name an object of the reference image.
+(NP (DT the) (JJ red) (NN circle)); the caption records every NP it builds with what the NP names: an object of the
+reference image (`present`), an object the edit creates (`added`, grounded on the cell it goes to), a grid cell
+(`position`), or something else (`other`: "the colour", or "the colour of the red circle", grounded on the object).
 """
 
 from __future__ import annotations
@@ -21,14 +23,22 @@ SIZE_ADJECTIVE_PROBABILITY = 0.2
 """How often a mention carries its (redundant) size adjective ("the small red circle")."""
 
 
+MENTION_KINDS = ("present", "added", "position", "other")
+
+
 @dataclass(frozen=True)
 class Mention:
-    """An NP of the caption that names an object of the reference image."""
+    """An NP of the caption and what it names."""
 
     text: str
-    object_id: str
+    object_id: str | None
+    """The reference object the NP names (`present`) or is about (`other`); None otherwise."""
     char_start: int
     """Character offset of the NP in the caption text."""
+    kind: str = "present"
+    """One of MENTION_KINDS."""
+    cell: tuple[int, int] | None = None
+    """The grid cell an `added` object goes to or a `position` NP names."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,8 @@ class _CaptionBuilder:
         self.rng = rng
         self.reference = reference
         self.ambiguous_shapes = ambiguous_shapes
-        self.mentions: list[tuple[Tree, str]] = []
+        self.mentions: list[tuple[Tree, str | None, str, tuple[int, int] | None]] = []
+        """(NP subtree, object id, kind, cell) of every NP built, in building order."""
 
     def mention(self, subject: SceneObject) -> Tree:
         """A definite NP that names `subject` uniquely in the reference (and stays unique after the edits)."""
@@ -81,20 +92,21 @@ class _CaptionBuilder:
             words.append(word("JJ", subject.color))
         words.append(word("NN", subject.shape))
         phrase = node("NP", *words)
-        self.mentions.append((phrase, subject.id))
+        self.mentions.append((phrase, subject.id, "present", None))
         return phrase
 
-    @staticmethod
-    def new_object(edit: Edit, with_size: bool) -> Tree:
+    def new_object(self, edit: Edit, with_size: bool, cell: tuple[int, int]) -> Tree:
+        """An indefinite NP for the object an edit creates at `cell`."""
         words = [word("DT", "a")] + ([word("JJ", edit.size)] if with_size else [])
-        return node("NP", *words, word("JJ", edit.color), word("NN", edit.shape))
+        phrase = node("NP", *words, word("JJ", edit.color), word("NN", edit.shape))
+        self.mentions.append((phrase, None, "added", cell))
+        return phrase
 
-    @staticmethod
-    def place(cell: tuple[int, int]) -> Tree:
-        name = CELL_NAMES[cell].split()
-        preposition = "in" if name == ["center"] else "on" if name in (["left"], ["right"]) else "at"
-        noun_phrase = [word("DT", "the")] + [word("JJ", w) for w in name[:-1]] + [word("NN", name[-1])]
-        return node("PP", word("IN", preposition), node("NP", *noun_phrase))
+    def place(self, cell: tuple[int, int]) -> Tree:
+        """The PP naming a grid cell ("at the top left"); its NP is recorded as a `position` mention."""
+        preposition, noun_phrase = place_phrase(cell)
+        self.mentions.append((noun_phrase, None, "position", cell))
+        return node("PP", preposition, noun_phrase)
 
     def verb_phrase(self, edit: Edit) -> Tree:
         choice = self.rng.randrange
@@ -105,7 +117,7 @@ class _CaptionBuilder:
                 "VP",
                 word("VB", verb),
                 self.mention(subject),
-                node("PP", word("IN", preposition), self.new_object(edit, with_size=False)),
+                node("PP", word("IN", preposition), self.new_object(edit, with_size=False, cell=subject.cell)),
             )
         if edit.kind == "recolour":
             colour = node("ADJP", word("JJ", edit.color))
@@ -113,12 +125,13 @@ class _CaptionBuilder:
             if style == 3:
                 the_colour = node("NP", word("DT", "the"), word("NN", "colour"))
                 of_subject = node("NP", the_colour, node("PP", word("IN", "of"), self.mention(subject)))
+                self.mentions += [(the_colour, None, "other", None), (of_subject, subject.id, "other", None)]
                 return node("VP", word("VB", "change"), of_subject, node("PP", word("TO", "to"), colour))
             verb = ("make", "paint", "turn")[style]
             return node("VP", word("VB", verb), node("S", self.mention(subject), colour))
         if edit.kind == "add":
             verb = ("add", "put", "place")[choice(3)]
-            return node("VP", word("VB", verb), self.new_object(edit, with_size=True), self.place(edit.cell))
+            return node("VP", word("VB", verb), self.new_object(edit, True, edit.cell), self.place(edit.cell))
         if edit.kind == "remove":
             style = choice(3)
             if style == 2:
@@ -130,6 +143,14 @@ class _CaptionBuilder:
             return node("VP", word("VB", "enlarge" if grow else "shrink"), self.mention(subject))
         comparative = self.rng.choice(("bigger", "larger") if grow else ("smaller",))
         return node("VP", word("VB", "make"), node("S", self.mention(subject), node("ADJP", word("JJR", comparative))))
+
+
+def place_phrase(cell: tuple[int, int]) -> tuple[Tree, Tree]:
+    """(preposition, NP) naming a grid cell: ("at", "the top left"), ("in", "the center"), ("on", "the left")."""
+    name = CELL_NAMES[cell].split()
+    preposition = "in" if name == ["center"] else "on" if name in (["left"], ["right"]) else "at"
+    noun_phrase = [word("DT", "the")] + [word("JJ", w) for w in name[:-1]] + [word("NN", name[-1])]
+    return word("IN", preposition), node("NP", *noun_phrase)
 
 
 def compose_caption(rng: random.Random, reference: Scene, edits: list[Edit] | tuple[Edit, ...]) -> Caption:
@@ -155,14 +176,20 @@ def compose_caption(rng: random.Random, reference: Scene, edits: list[Edit] | tu
             joined.append(phrase)
         top = node("VP", *joined)
     tree = node("ROOT", node("S", top))
-    starts = _char_starts(tree)
+    starts = char_starts(tree)
     mentions = tuple(
-        Mention(" ".join(leaves(phrase)), object_id, starts[id(phrase)]) for phrase, object_id in builder.mentions
+        sorted(
+            (
+                Mention(" ".join(leaves(phrase)), object_id, starts[id(phrase)], kind, cell)
+                for phrase, object_id, kind, cell in builder.mentions
+            ),
+            key=lambda mention: (mention.char_start, -len(mention.text)),
+        )
     )
     return Caption(" ".join(leaves(tree)), bracket(tree), mentions)
 
 
-def _char_starts(tree: Tree) -> dict[int, int]:
+def char_starts(tree: Tree) -> dict[int, int]:
     """Character offset in the caption of every constituent, keyed by the constituent's id()."""
     starts: dict[int, int] = {}
     cursor = 0

@@ -4,7 +4,11 @@
     <root>/cirr/image_splits/split.rc2.{train,val,test1}.json  image name -> ./relative/path.png
     <root>/train/<NN>/*.png  <root>/dev/*.png  <root>/test1/*.png
     <root>/trees.jsonl       {"caption", "tree"} for every caption entry of every split
-    <root>/objects.json      image objects with boxes, and which caption NPs name which reference object
+    <root>/objects.json      image objects with boxes and each image's scene description; every caption NP with
+                             what it names (`present` object, `added` object, `position`, `other`) and its box
+    <root>/pretrain/{train,val,test1}.jsonl  one line per image: the image, its description and the description's
+                             NPs with boxes, as a JSONL shard source (reference = target = the image)
+    <root>/pretrain/trees.jsonl  {"caption", "tree"} for every description
     <root>/synthetic.json    what generated it (marks the directory as ours)
 
 Every JSON file is written with sorted keys in a fixed order, so one seed gives the same bytes every time.
@@ -23,6 +27,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from shards.synthetic.captions import Mention
+from shards.synthetic.descriptions import Description, cell_box, describe
 from shards.synthetic.render import object_box, png_bytes, render
 from shards.synthetic.scenes import CELL_NAMES, Scene
 from shards.synthetic.sets import IMAGE_DIRS, ImageRecord, SplitContent
@@ -31,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = "synthetic.json"
 """File that marks a directory as a generated benchmark, so regenerating may clear it."""
-OWNED = ("cirr", *sorted(set(IMAGE_DIRS.values())), "trees.jsonl", "objects.json", MARKER)
+PRETRAIN_DIR = "pretrain"
+OWNED = ("cirr", *sorted(set(IMAGE_DIRS.values())), "trees.jsonl", "objects.json", PRETRAIN_DIR, MARKER)
 
 
 def prepare_root(root: Path) -> None:
@@ -81,10 +88,11 @@ def caption_entries(split: str, content: SplitContent) -> list[dict[str, Any]]:
     return entries
 
 
-def image_entry(scene: Scene, canvas: int) -> dict[str, Any]:
+def image_entry(scene: Scene, canvas: int, description: Description) -> dict[str, Any]:
     return {
         "size": [canvas, canvas],
         "background": scene.background,
+        "description": description.text,
         "objects": [
             {
                 "id": obj.id,
@@ -99,9 +107,57 @@ def image_entry(scene: Scene, canvas: int) -> dict[str, Any]:
     }
 
 
+def mention_entry(mention: Mention, reference: Scene) -> dict[str, Any]:
+    """A caption NP for objects.json: text, offset, kind, the reference object it names (if any) and its box.
+
+    The box is the object's in the reference for `present` and `other` NPs about an object, the grid cell for
+    `added` and `position` NPs, and None for an NP about no place ("the colour").
+    """
+    if mention.object_id is not None:
+        box = [round(v, 4) for v in object_box(reference.by_id(mention.object_id))]
+    elif mention.cell is not None:
+        box = [round(v, 4) for v in cell_box(mention.cell)]
+    else:
+        box = None
+    return {
+        "np": mention.text,
+        "object": mention.object_id,
+        "image": "reference",
+        "char_start": mention.char_start,
+        "kind": mention.kind,
+        "box": box,
+    }
+
+
+def pretrain_line(image: ImageRecord, description: Description) -> dict[str, Any]:
+    """The image's line of `pretrain/<split>.jsonl` (paths relative to that file)."""
+    path = "../" + image.relative_path.removeprefix("./")
+    return {
+        "id": image.name,
+        "reference": path,
+        "target": path,
+        "caption": description.text,
+        "phrases": [
+            {"text": phrase.text, "char_start": phrase.char_start, "kind": phrase.kind, "box": list(phrase.box)}
+            for phrase in description.phrases
+        ],
+    }
+
+
 def write_annotations(root: Path, splits: dict[str, SplitContent], canvas: int, marker: dict[str, Any]) -> None:
-    """Caption and split files of every split, trees.jsonl, objects.json and the marker."""
+    """Caption and split files of every split, trees.jsonl, objects.json, the pretraining manifests, the marker."""
     objects: dict[str, Any] = {"images": {}, "captions": {}}
+    (root / PRETRAIN_DIR).mkdir(exist_ok=True)
+    with (root / PRETRAIN_DIR / "trees.jsonl").open("w") as description_trees:
+        for split, content in splits.items():
+            with (root / PRETRAIN_DIR / f"{split}.jsonl").open("w") as manifest:
+                for image in content.images:
+                    description = describe(image.scene)
+                    objects["images"][image.name] = image_entry(image.scene, canvas, description)
+                    manifest.write(json.dumps(pretrain_line(image, description), sort_keys=True) + "\n")
+                    line = {"caption": description.text, "tree": description.tree}
+                    description_trees.write(json.dumps(line, sort_keys=True) + "\n")
+    scenes = {image.name: image.scene for content in splits.values() for image in content.images}
     with (root / "trees.jsonl").open("w") as trees:
         for split, content in splits.items():
             write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", caption_entries(split, content))
@@ -109,17 +165,9 @@ def write_annotations(root: Path, splits: dict[str, SplitContent], canvas: int, 
                 root / "cirr" / "image_splits" / f"split.rc2.{split}.json",
                 {image.name: image.relative_path for image in content.images},
             )
-            for image in content.images:
-                objects["images"][image.name] = image_entry(image.scene, canvas)
             objects["captions"][split] = {
                 str(triplet.pairid): [
-                    {
-                        "np": mention.text,
-                        "object": mention.object_id,
-                        "image": "reference",
-                        "char_start": mention.char_start,
-                    }
-                    for mention in triplet.caption.mentions
+                    mention_entry(mention, scenes[triplet.reference]) for mention in triplet.caption.mentions
                 ]
                 for triplet in content.triplets
             }

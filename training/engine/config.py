@@ -50,12 +50,20 @@ class OptimConfig:
     """Optimizer steps of linear warmup from 0 to `lr`."""
     restart_every: int = 5000
     """Optimizer steps per cosine cycle after warmup; each cycle restarts at `lr`."""
+    tower_lr_mult: float = 1.0
+    """Multiplier of `lr` and `min_lr` for the image and text towers' parameters (the schedule scales the result)."""
+    head_lr_mult: float = 1.0
+    """Multiplier of `lr` and `min_lr` for every parameter outside the towers: fusion head, pooler, projection and
+    a learned temperature. The logged `lr` is this group's."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr ({self.min_lr}) must be in [0, optim.lr ({self.lr})] and lr positive")
         if self.warmup_steps < 0 or self.restart_every < 1:
             raise ValueError("optim.warmup_steps must be >= 0 and optim.restart_every >= 1")
+        for key in ("tower_lr_mult", "head_lr_mult"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"optim.{key}={getattr(self, key)} must be positive (model.freeze fixes a tower)")
 
 
 @dataclass

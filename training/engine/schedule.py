@@ -32,6 +32,10 @@ class WarmupCosineRestarts:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """`LambdaLR` with `WarmupCosineRestarts` between `config.lr` and `config.min_lr`; stepped once per applied step."""
+    """`LambdaLR` with `WarmupCosineRestarts` between `config.lr` and `config.min_lr`; stepped once per applied step.
+
+    `LambdaLR` multiplies each parameter group's own initial lr, so a group built at `lr * mult` (the per-group
+    multipliers of `training.engine.optimizer`) runs between `lr * mult` and `min_lr * mult`.
+    """
     multiplier = WarmupCosineRestarts(config.warmup_steps, config.restart_every, config.min_lr / config.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training.evaluation.benchmarks.base import BenchmarkSplit, GroundedPhrase
+from training.evaluation.grounding import PhraseGrounding, score_map
 from training.evaluation.methods.base import GalleryBatch, Method, QueryBatch
-from training.evaluation.metrics import box_share
+from training.evaluation.phrase_maps import PhraseInputs, PhraseTokens, phrase_inputs, phrase_maps, query_pass_states
 
 logger = logging.getLogger(__name__)
 
-SpanFinder = Callable[[str, Sequence[GroundedPhrase]], list[tuple[int, int] | None]]
-"""(caption, phrases) -> each phrase's [start, end) token span in the caption ids, None when truncated away."""
+SpanFinder = Callable[[str, Sequence[GroundedPhrase]], list[PhraseTokens | None]]
+"""(caption, phrases) -> each phrase's caption span and ids alone, None when it has no span (e.g. truncated away)."""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -141,8 +142,8 @@ class QueryEncodings:
 
     embeddings: dict[str, torch.Tensor]
     """Result name of each method -> (Q, D) its query embeddings, L2-normalised."""
-    grounding: list[float] = field(default_factory=list)
-    """Per grounded phrase, the share of its in-context attention inside its object's box."""
+    grounding: list[PhraseGrounding] = field(default_factory=list)
+    """Per grounded phrase with tokens, its in-context, isolated and tower maps scored against its box."""
     phrases_dropped: int = 0
     """Phrases whose tokens fell past the 77-token context (no map to score)."""
 
@@ -170,11 +171,11 @@ def encode_queries(
     """
     queries = benchmark.queries
     caption_ids = tokenize([query.text for query in queries])
-    spans: list[list[tuple[int, int] | None]] = []
+    tokens: list[list[PhraseTokens | None]] = []
     if benchmark.protocol.grounding:
         if find_spans is None:
             raise ValueError(f"{benchmark.name} scores grounding but no span finder was given")
-        spans = [find_spans(query.text, query.phrases) if query.phrases else [] for query in queries]
+        tokens = [find_spans(query.text, query.phrases) if query.phrases else [] for query in queries]
     result = QueryEncodings(embeddings={})
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
     reference_paths = [benchmark.image_paths[query.reference] for query in queries]
@@ -183,49 +184,38 @@ def encode_queries(
         stop = start + pixels.shape[0]
         pixels = pixels.to(device, non_blocking=True)
         ids = caption_ids[start:stop].to(device, non_blocking=True)
-        np_spans, np_mask = _phrase_spans(spans[start:stop], result) if spans else (None, None)
-        batch = QueryBatch(model, pixels, ids, _to(np_spans, device), _to(np_mask, device))
+        phrases, dropped = phrase_inputs(tokens[start:stop]) if tokens else (None, 0)
+        result.phrases_dropped += dropped
+        phrases = phrases.to(device) if phrases is not None else None
+        spans, mask = (phrases.spans, phrases.mask) if phrases is not None else (None, None)
+        batch = QueryBatch(model, pixels, ids, spans, mask)
+        # The in-context maps come from the pass that encodes the queries, and its image-tower states feed the
+        # isolated and tower maps: the image tower runs once per batch.
+        recording = query_pass_states(model) if phrases is not None else contextlib.nullcontext()
         with autocast(device):
-            for name, method in methods.items():
-                chunks[name].append(_normalised(method.encode_query(batch)))
-            if np_mask is not None:  # the maps came from the same pass as the queries
-                _score_grounding(queries[start:stop], batch.views["fused/np_maps"], np_mask, sizes, result)
+            with recording as states:
+                for name, method in methods.items():
+                    chunks[name].append(_normalised(method.encode_query(batch)))
+            if phrases is not None:
+                _score_grounding(queries[start:stop], phrase_maps(batch, states, phrases), phrases, sizes, result)
     result.embeddings = {name: torch.cat(parts) for name, parts in chunks.items()}
     return result
 
 
-def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device, non_blocking=True)
-
-
-def _phrase_spans(
-    spans: Sequence[list[tuple[int, int] | None]], result: QueryEncodings
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(np_spans (B, N, 2), np_mask (B, N)) of a batch's grounded phrases; (None, None) when it has none.
-
-    Phrases without a span (past the 77-token context) are counted in `result.phrases_dropped`.
-    """
-    width = max((len(row) for row in spans), default=0)
-    np_spans = torch.zeros(len(spans), width, 2, dtype=torch.int64)
-    np_mask = torch.zeros(len(spans), width, dtype=torch.bool)
-    for row, row_spans in enumerate(spans):
-        for column, span in enumerate(row_spans):
-            if span is None:
-                result.phrases_dropped += 1
-                continue
-            np_spans[row, column] = torch.tensor(span)
-            np_mask[row, column] = True
-    return (np_spans, np_mask) if np_mask.any() else (None, None)
-
-
 def _score_grounding(
-    queries: Sequence, maps: torch.Tensor, np_mask: torch.Tensor, sizes: torch.Tensor, result: QueryEncodings
+    queries: Sequence,
+    maps: Mapping[str, torch.Tensor],
+    phrases: PhraseInputs,
+    sizes: torch.Tensor,
+    result: QueryEncodings,
 ) -> None:
-    """Append each phrase's in-box attention share for one batch of queries (maps (B, N, gh, gw))."""
-    maps = maps.float().cpu().numpy()
+    """Append every phrase's scored maps for one batch of queries (map kind -> (B, N, gh, gw))."""
+    maps = {kind: kind_maps.float().cpu().numpy() for kind, kind_maps in maps.items()}
+    mask = phrases.mask.cpu()
     for row, query in enumerate(queries):
         image_width, image_height = (int(value) for value in sizes[row])
         for column, phrase in enumerate(query.phrases):
-            if np_mask[row, column]:
+            if mask[row, column]:
                 box = box_in_crop(phrase.box, image_width, image_height)
-                result.grounding.append(box_share(maps[row, column], box))
+                scored = {kind: score_map(kind_maps[row, column], box) for kind, kind_maps in maps.items()}
+                result.grounding.append(PhraseGrounding(phrase.kind, scored))

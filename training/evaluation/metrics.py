@@ -152,25 +152,3 @@ def map_at_k(rankings: np.ndarray, ground_truths: Sequence[Sequence[int]], ks: S
         f"map@{k}": float(np.mean([average_precision_at_k(r, gt, k) for r, gt in zip(rankings, ground_truths)]))
         for k in ks
     }
-
-
-def box_share(attention_map: np.ndarray, box: Sequence[float]) -> float:
-    """Share of a map's mass in the patches whose centres lie inside a box.
-
-    Args:
-        attention_map: (gh, gw) non-negative attention over the image's patch grid.
-        box: (x0, y0, x1, y1) as fractions of the (cropped) image the grid covers.
-
-    Returns:
-        Mass inside / total mass, in [0, 1]; 0 for an all-zero map.
-    """
-    attention_map = np.clip(np.asarray(attention_map, dtype=np.float64), 0.0, None)
-    total = attention_map.sum()
-    if total <= 0:
-        return 0.0
-    grid_h, grid_w = attention_map.shape
-    centres_y = (np.arange(grid_h) + 0.5) / grid_h
-    centres_x = (np.arange(grid_w) + 0.5) / grid_w
-    x0, y0, x1, y1 = box
-    inside = ((centres_y >= y0) & (centres_y <= y1))[:, None] & ((centres_x >= x0) & (centres_x <= x1))[None, :]
-    return float(attention_map[inside].sum() / total)

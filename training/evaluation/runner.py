@@ -6,6 +6,7 @@ Outputs under the checkpoint's run directory:
     <run>/eval/best.json                        the best checkpoint so far by eval.select_metric
     <run>/eval/submissions/step_XXXXXXXX/       CIRR test1 / CIRCO test files (when eval.splits has `test`)
     <run>/tensorboard/                          eval/<benchmark>/<metric> at the checkpoint's training step
+                                                (grounding: eval/synthetic/grounding/<map>/<phrases>/<measure>)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from training.config_loader import ConfigError, load_section, read_container, to
 from training.evaluation.benchmarks import BENCHMARKS, BenchmarkSplit
 from training.evaluation.config import EvalJob
 from training.evaluation.encode import resolve_device
+from training.evaluation.grounding import format_grounding, is_grounding_measure
 from training.evaluation.methods import METHODS
 from training.evaluation.scoring import MODEL, EncodeSettings, SplitScores, combine_parts, score_split
 from training.evaluation.spans import phrase_span_finder
@@ -252,7 +254,8 @@ def update_best(run_dir: Path, step: int, result: dict[str, Any], select_metric:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A readable table per benchmark: the model beside the three baselines, in percent."""
+    """A readable table per benchmark: the model beside the three baselines, in percent; then, for a benchmark that
+    scores grounding, the model's grounding measures (rows map kind x phrase split)."""
     lines = [f"checkpoint step {result['step']} ({result['checkpoint']})"]
     for name, entry in result["benchmarks"].items():
         baselines = list(entry["baselines"])
@@ -265,8 +268,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name} [{entry['split']}] {counts}".rstrip())
         lines.append(f"  {'metric':<22}" + "".join(f"{column:>16}" for column in columns))
         for metric, value in entry["metrics"].items():
+            if is_grounding_measure(metric):
+                continue  # the model's alone, in a table of their own below
             cells = [value] + [entry["baselines"][baseline].get(metric) for baseline in baselines]
             lines.append(f"  {metric:<22}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>16}" for c in cells))
+        lines.extend(format_grounding(entry["metrics"]))
     for name, paths in result.get("submissions", {}).items():
         lines.append(f"{name} submission file(s): {', '.join(paths)}")
     return "\n".join(lines)

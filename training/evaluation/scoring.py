@@ -16,6 +16,7 @@ import torch
 
 from training.evaluation.benchmarks.base import BenchmarkSplit
 from training.evaluation.encode import SpanFinder, encode_gallery, encode_queries
+from training.evaluation.grounding import summarise
 from training.evaluation.methods.base import Method
 from training.evaluation.metrics import (
     NO_INDEX,
@@ -52,7 +53,7 @@ class SplitScores:
     """Everything one split yields; unlabelled splits have rankings but no metrics."""
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    """method (`model` or a baseline) -> metric -> fraction."""
+    """method (`model` or a baseline) -> metric -> fraction (the grounding measures' `n` and `auc_skipped` count)."""
     predictions: dict[str, list[str]] = field(default_factory=dict)
     """query id -> the model's top-k gallery names (reference removed where the protocol removes it)."""
     subset_predictions: dict[str, list[str]] = field(default_factory=dict)
@@ -129,7 +130,7 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
         scores.metrics[method] = metrics
     if labelled and protocol.grounding:
         scored = queries.grounding
-        scores.metrics[MODEL]["grounding"] = float(np.mean(scored)) if scored else 0.0
+        scores.metrics[MODEL].update(summarise(scored))
         scores.details.update(grounding_phrases=len(scored), grounding_phrases_dropped=queries.phrases_dropped)
         if not scored:
             logger.warning("%s: no grounded phrase could be scored; grounding reported as 0", split.name)

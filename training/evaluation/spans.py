@@ -1,7 +1,8 @@
-"""Token spans of a query's grounded noun phrases, from the shard builder's character-offset span computation.
+"""Token spans of a query's grounded noun phrases and their ids alone, from the shard builder's tokenization.
 
 The eval job must find each noun phrase's tokens exactly as training did, so it reuses `shards.builder.tokens`
-(character offsets, not the first matching token subsequence) instead of a second implementation.
+(character offsets, not the first matching token subsequence; each phrase's own BPE ids, checked against the
+caption's) instead of a second implementation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from shards.builder.tokens import CaptionTokenizer
 from shards.model_inputs import CONTEXT_LENGTH
 from training.evaluation.benchmarks.base import GroundedPhrase
 from training.evaluation.encode import SpanFinder
+from training.evaluation.phrase_maps import PhraseTokens
 
 
 def locate(caption: str, text: str, resume: int = 0) -> int | None:
@@ -30,17 +32,19 @@ def locate(caption: str, text: str, resume: int = 0) -> int | None:
 
 
 def phrase_span_finder(backbone: str) -> SpanFinder:
-    """A function (caption, phrases) -> each phrase's `[start, end)` in the caption ids, or None without a span.
+    """A function (caption, phrases) -> each phrase's tokens, or None without a span.
 
-    A phrase gets None when its text is not in the caption, when truncation at 77 tokens cuts it, or when its
-    characters cut through a word; the runner counts those as dropped. `phrases` must be hashable (a tuple, as
-    `Query.phrases` is): the results are cached, since a watcher scores the same benchmark at every checkpoint.
+    A phrase's tokens are its `[start, end)` in the caption ids and its ids encoded alone, the row the shard builder
+    writes to `np_ids` (start token, the phrase's BPE ids, end token) for the isolated and tower maps. A phrase gets
+    None when its text is not in the caption, when truncation at 77 tokens cuts it, or when its characters cut
+    through a word; the runner counts those as dropped. `phrases` must be hashable (a tuple, as `Query.phrases` is):
+    the results are cached, since a watcher scores the same benchmark at every checkpoint.
     """
-    # Eval needs only spans, not the isolated ids, so the isolated length never limits which phrase is kept.
+    # Isolated rows are as long as each phrase needs, so training's `np_length` never decides which phrase is scored.
     tokenizer = CaptionTokenizer(backbone, np_length=CONTEXT_LENGTH)
 
     @functools.lru_cache(maxsize=1 << 20)  # a benchmark's spans are found once and reused for every checkpoint
-    def find_spans(caption: str, phrases: Sequence[GroundedPhrase]) -> list[tuple[int, int] | None]:
+    def find_spans(caption: str, phrases: Sequence[GroundedPhrase]) -> list[PhraseTokens | None]:
         found: list[NounPhrase | None] = []
         resume = 0
         for phrase in phrases:
@@ -51,10 +55,14 @@ def phrase_span_finder(backbone: str) -> SpanFinder:
             resume = start + len(phrase.text)
             found.append(NounPhrase(phrase.text, start, resume))
         located = iter(tokenizer.locate(caption, [phrase for phrase in found if phrase is not None])[1])
-        spans: list[tuple[int, int] | None] = []
+        spans: list[PhraseTokens | None] = []
         for phrase in found:  # the caption is tokenized once for all its phrases
             outcome = next(located) if phrase is not None else None
-            spans.append(None if outcome is None or isinstance(outcome, str) else (outcome[0], outcome[1]))
+            if outcome is None or isinstance(outcome, str):
+                spans.append(None)
+                continue
+            start, end, alone = outcome
+            spans.append(PhraseTokens(start, end, (tokenizer.sot, *alone, tokenizer.eot)))
         return spans
 
     return find_spans

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 TARGET_ENCODINGS = ("clip", "fused_empty")
 ATTENTION_IMPLS = ("fused", "eager")
+FREEZE_CHOICES = ("none", "image", "text", "both")
 
 
 @dataclass
@@ -39,6 +40,15 @@ class ModelConfig:
     """Wrap the model in torch.compile."""
     init_from: str | None = None
     """A `model.safetensors` to initialise all weights from (weights only: no optimizer, step or data state)."""
+    freeze: str = "none"
+    """Towers kept fixed during training: `none`, `image`, `text` or `both`. Their parameters get
+    requires_grad False and stay out of the optimizer; the fusion head, pooler and projection always train."""
+    text_kv_layernorm: bool = False
+    """An extra LayerNorm (one per fusion block) on the text tower's final states before the fusion keys and
+    values. False feeds the states to the key/value projections as they are, as the released code does."""
+    image_tokens_after_ln_post: bool = False
+    """Take the image tokens the fusion head attends from after the image tower's final LayerNorm (`ln_post`).
+    False takes them before it, as the released code does; the CLIP image embedding uses `ln_post` either way."""
 
     def __post_init__(self) -> None:
         if self.target_encoding not in TARGET_ENCODINGS:
@@ -47,3 +57,5 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r} must be one of {ATTENTION_IMPLS}")
         if self.fusion_layers < 1 or self.fusion_heads < 1 or self.ffn_mult < 1:
             raise ValueError("model.fusion_layers, model.fusion_heads and model.ffn_mult must be >= 1")
+        if self.freeze not in FREEZE_CHOICES:
+            raise ValueError(f"model.freeze={self.freeze!r} must be one of {FREEZE_CHOICES}")

@@ -15,6 +15,7 @@ NPs' own short length, and stops at the last block's attention weights.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from training.model.fusion import (
 )
 from training.model.towers import ClipBackbone, ImageFeatures, build_backbone
 
+logger = logging.getLogger(__name__)
 ISOLATED_CHUNK_TOKENS = (4096, 262144)
 """Patch tokens per chunk of the isolated NP pass (CPU, GPU): cache-sized on CPU, memory-bounded on GPU."""
 
@@ -73,7 +75,8 @@ class ConTextCIR(nn.Module):
         super().__init__()
         self.backbone = backbone
         width = backbone.image_width
-        self.fusion = FusionHead(width, backbone.text_width, config.fusion_layers, config.fusion_heads, config.ffn_mult)
+        layers, heads, ffn_mult = config.fusion_layers, config.fusion_heads, config.ffn_mult
+        self.fusion = FusionHead(width, backbone.text_width, layers, heads, ffn_mult, config.text_kv_layernorm)
         self.pooler = AttentionPooler(width, config.fusion_heads, config.ffn_mult)
         self.query_projection = nn.Linear(width, backbone.embed_dim, bias=False)
         nn.init.normal_(self.query_projection.weight, std=width**-0.5)
@@ -87,6 +90,14 @@ class ConTextCIR(nn.Module):
     def patch_grid(self) -> tuple[int, int]:
         """(gh, gw) of the image tower's patch grid; concept maps have gh*gw entries."""
         return self.backbone.patch_grid
+
+    @property
+    def switches(self) -> dict[str, bool]:
+        """The `model` switches this network was built with that its weights alone may not reveal."""
+        return {
+            "text_kv_layernorm": isinstance(self.fusion.blocks[0].text_norm, nn.LayerNorm),
+            "image_tokens_after_ln_post": self.backbone.tokens_after_ln_post,
+        }
 
     # --- pieces -----------------------------------------------------------------------------------------------
 
@@ -268,7 +279,7 @@ def rebuild_model(saved: ModelConfig, weights_file: str | Path, device: str | to
     from training.model.weights import load_model_weights
 
     config = dataclasses.replace(
-        with_tower_flags(saved),
+        with_legacy_switches(with_tower_flags(saved), weights_file),
         pretrained=None,
         weights_file=None,
         init_from=None,
@@ -278,3 +289,25 @@ def rebuild_model(saved: ModelConfig, weights_file: str | Path, device: str | to
     model = build_model(config)
     load_model_weights(model, weights_file)
     return model.to(device).eval()
+
+
+def with_legacy_switches(saved: ModelConfig, weights_file: str | Path) -> ModelConfig:
+    """`saved` with the switches of a network trained before `model.text_kv_layernorm` and
+    `model.image_tokens_after_ln_post` existed turned on, as that code always built it; otherwise `saved` itself.
+
+    Such a checkpoint's recorded section reads both switches at their defaults (off), yet its weights hold the
+    blocks' text LayerNorm, which a network built with `text_kv_layernorm` off never has: that pair marks it.
+    """
+    from safetensors import safe_open
+
+    if saved.text_kv_layernorm or not Path(weights_file).is_file():
+        return saved
+    with safe_open(str(weights_file), framework="pt") as weights:
+        legacy = any(".text_norm." in name for name in weights.keys())
+    if not legacy:
+        return saved
+    logger.warning(
+        "%s predates model.text_kv_layernorm and model.image_tokens_after_ln_post: rebuilding with both on",
+        weights_file,
+    )
+    return dataclasses.replace(saved, text_kv_layernorm=True, image_tokens_after_ln_post=True)

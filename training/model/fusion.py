@@ -295,15 +295,19 @@ def maps_from_lse(
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm residual block: image tokens attend to text tokens, then an FFN. The identity at init."""
+    """Pre-norm residual block: image tokens attend to text tokens, then an FFN. The identity at init.
 
-    def __init__(self, width: int, text_width: int, heads: int, ffn_mult: int) -> None:
+    `text_norm` (`model.text_kv_layernorm`) adds a LayerNorm on the text states before the key/value projections;
+    without it the states enter them as they are (an `Identity`, so the weights hold no such LayerNorm).
+    """
+
+    def __init__(self, width: int, text_width: int, heads: int, ffn_mult: int, text_norm: bool = False) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"model.fusion_heads={heads} must divide the image width {width}")
         self.heads = heads
         self.query_norm = nn.LayerNorm(width)
-        self.text_norm = nn.LayerNorm(text_width)
+        self.text_norm = nn.LayerNorm(text_width) if text_norm else nn.Identity()
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(text_width, width)
         self.v_proj = nn.Linear(text_width, width)
@@ -358,9 +362,12 @@ class CrossAttentionBlock(nn.Module):
 class FusionHead(nn.Module):
     """L cross-attention blocks; concept maps are averaged over the blocks."""
 
-    def __init__(self, width: int, text_width: int, layers: int, heads: int, ffn_mult: int) -> None:
+    def __init__(
+        self, width: int, text_width: int, layers: int, heads: int, ffn_mult: int, text_norm: bool = False
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(CrossAttentionBlock(width, text_width, heads, ffn_mult) for _ in range(layers))
+        blocks = (CrossAttentionBlock(width, text_width, heads, ffn_mult, text_norm) for _ in range(layers))
+        self.blocks = nn.ModuleList(blocks)
 
     def forward(
         self, tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns | None = None, eager: bool = False

@@ -1,8 +1,8 @@
 """The open_clip towers the ConText-CIR network is built on.
 
 `ClipBackbone` wraps an open_clip `CLIP` model and exposes what the fusion head needs without running anything
-twice: the image tower gives its token sequence (CLS first, then the patch grid) and the projected CLIP image
-embedding from the same pass; the text tower gives per-token states after `ln_final` for ids of any length up to
+twice: the image tower gives its token sequence (CLS first, then the patch grid; before `ln_post` unless told
+otherwise, as the released code takes them) and the projected CLIP image embedding from the same pass; the text tower gives per-token states after `ln_final` for ids of any length up to
 the context (the tower is causal, so trailing PAD can be cut off without changing a single state at or before
 EOT) and, from those states, the projected CLIP text embedding.
 
@@ -47,7 +47,8 @@ class ImageFeatures:
     """One pass of the image tower."""
 
     tokens: torch.Tensor
-    """(B, prefix + gh*gw, image_width): CLS (when the tower has one) then the patch grid, after `ln_post`."""
+    """(B, prefix + gh*gw, image_width): CLS (when the tower has one) then the patch grid, before `ln_post` (or
+    after it, with `model.image_tokens_after_ln_post`)."""
     embedding: torch.Tensor
     """(B, embed_dim) projected CLIP image embedding, not normalised."""
 
@@ -220,7 +221,11 @@ def create_open_clip(
 class ClipBackbone(nn.Module):
     """An open_clip `CLIP` model seen as an image tower (tokens + embedding) and a text tower (token states)."""
 
-    def __init__(self, clip_model: nn.Module) -> None:
+    lr_group = "tower"
+    """The optimizer's parameter group of every parameter in here (`optim.tower_lr_mult` scales its lr)."""
+
+    def __init__(self, clip_model: nn.Module, tokens_after_ln_post: bool = False) -> None:
+        """Wrap `clip_model`; `tokens_after_ln_post` is `model.image_tokens_after_ln_post`."""
         super().__init__()
         if not isinstance(getattr(clip_model, "visual", None), VisionTransformer):
             raise ValueError(
@@ -233,8 +238,19 @@ class ClipBackbone(nn.Module):
         if not hasattr(text, "token_embedding") or getattr(text, "cls_emb", None) is not None:
             raise ValueError("ConText-CIR needs a CLIP-style causal text transformer (no HF text tower, no CLS token)")
         self.clip = clip_model
+        self.tokens_after_ln_post = tokens_after_ln_post
         for name, parameter in clip_model.named_parameters():
             if name.split(".")[-1] in UNUSED_PARAMETERS:
+                parameter.requires_grad_(False)
+
+    def freeze(self, towers: str) -> None:
+        """Fix the parameters of `towers` (`model.freeze`: none, image, text or both): requires_grad False.
+
+        The image tower is open_clip's `visual`; everything else of the CLIP model is the text tower.
+        """
+        for name, parameter in self.clip.named_parameters():
+            tower = "image" if name.startswith("visual.") else "text"
+            if towers in (tower, "both"):
                 parameter.requires_grad_(False)
 
     @property
@@ -277,8 +293,10 @@ class ClipBackbone(nn.Module):
         hidden = visual._embeds(images.to(visual.conv1.weight.dtype))
         hidden = visual.transformer(hidden)
         pooled, patches = visual._pool(hidden)  # open_clip's own pooling: ln_post, then CLS (or mean) and patches
-        tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1) if self.image_prefix_tokens else patches
         embedding = pooled @ visual.proj if visual.proj is not None else pooled
+        if not self.tokens_after_ln_post:
+            pooled, patches = visual._global_pool(hidden)  # the same split of the states before ln_post
+        tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1) if self.image_prefix_tokens else patches
         return ImageFeatures(tokens=tokens, embedding=embedding)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -306,8 +324,11 @@ class ClipBackbone(nn.Module):
 
 
 def build_backbone(config: ModelConfig, device: str | torch.device = "cpu") -> ClipBackbone:
-    """`ClipBackbone` over `create_open_clip(...)` for the `model` section; see there for the errors."""
+    """`ClipBackbone` over `create_open_clip(...)` for the `model` section, its towers frozen per `model.freeze`;
+    see `create_open_clip` for the errors."""
     clip_model = create_open_clip(
         config.backbone, config.pretrained, config.weights_file, config.cache_dir, device, config.quick_gelu
     )
-    return ClipBackbone(clip_model)
+    backbone = ClipBackbone(clip_model, config.image_tokens_after_ln_post)
+    backbone.freeze(config.freeze)
+    return backbone

@@ -10,7 +10,10 @@ class LossConfig:
     """Contrastive loss plus the Text Concept-Consistency loss."""
 
     temperature: float = 0.07
-    """Softmax temperature tau of the contrastive loss."""
+    """Softmax temperature tau of the contrastive loss (the initial value when `learnable_temperature`)."""
+    learnable_temperature: bool = False
+    """Learn tau as CLIP does: a log-scale parameter log(1/tau) of the loss module, optimized and checkpointed with
+    the rest, its scale 1/tau clamped to [1, 100]. False keeps tau fixed at `temperature`."""
     lambda_cc: float = 0.08
     """Weight of the Text-CC loss in the total."""
     cc_epsilon: float = 0.05
@@ -23,5 +26,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError("loss.temperature must be positive")
+        if self.learnable_temperature and not 0.01 <= self.temperature <= 1.0:
+            raise ValueError(
+                f"loss.temperature={self.temperature} must lie in [0.01, 1] with loss.learnable_temperature "
+                "(its learned scale 1/temperature is clamped to [1, 100])"
+            )
         if self.lambda_cc < 0 or self.cc_epsilon < 0:
             raise ValueError("loss.lambda_cc and loss.cc_epsilon must be >= 0")

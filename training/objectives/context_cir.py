@@ -26,7 +26,10 @@ class ConTextObjective(nn.Module):
         super().__init__()
         self.model = model if model is not None else build_model(model_config)
         self.contrastive = ContrastiveLoss(
-            loss_config.temperature, loss_config.reference_negatives, loss_config.symmetric
+            loss_config.temperature,
+            loss_config.reference_negatives,
+            loss_config.symmetric,
+            loss_config.learnable_temperature,
         )
         self.lambda_cc = loss_config.lambda_cc
         self.cc_epsilon = loss_config.cc_epsilon

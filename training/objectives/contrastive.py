@@ -13,12 +13,17 @@ every rank, as the reader guarantees).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from training.engine.distributed import rank_and_world
+
+MAX_LOGIT_SCALE = 100.0
+"""Upper clamp of a learned logit scale 1/tau, as CLIP clamps its own (the lower clamp is 1, also as CLIP)."""
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -56,13 +61,36 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class ContrastiveLoss(nn.Module):
-    """InfoNCE of queries against gathered targets (+ gathered reference images as negatives), optionally symmetric."""
+    """InfoNCE of queries against gathered targets (+ gathered reference images as negatives), optionally symmetric.
 
-    def __init__(self, temperature: float = 0.07, reference_negatives: bool = True, symmetric: bool = True) -> None:
+    With `learnable_temperature` the temperature is learned as CLIP learns it: `logit_scale` holds log(1/tau),
+    starts at log(1/temperature), and its exponent is clamped to [1, MAX_LOGIT_SCALE] in the forward (a scale at
+    the clamp gets no gradient past it). Being a parameter of this module, it is optimized and checkpointed with
+    the objective; without the option there is no such parameter at all.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        reference_negatives: bool = True,
+        symmetric: bool = True,
+        learnable_temperature: bool = False,
+    ) -> None:
         super().__init__()
         self.temperature = temperature
         self.reference_negatives = reference_negatives
         self.symmetric = symmetric
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable_temperature else None
+
+    def learned_scale(self) -> torch.Tensor:
+        """The learned 1/tau, exp(logit_scale) clamped to [1, MAX_LOGIT_SCALE]; only with `learnable_temperature`."""
+        return self.logit_scale.float().clamp(0.0, math.log(MAX_LOGIT_SCALE)).exp()
+
+    def _scaled(self, similarities: torch.Tensor) -> torch.Tensor:
+        """Similarities divided by the temperature: the fixed one, or the learned one."""
+        if self.logit_scale is None:
+            return similarities / self.temperature
+        return similarities * self.learned_scale()
 
     def forward(
         self, query: torch.Tensor, target: torch.Tensor, reference: torch.Tensor | None = None
@@ -70,8 +98,9 @@ class ContrastiveLoss(nn.Module):
         """Loss terms for L2-normalised embeddings (B, D) of this rank.
 
         Returns:
-            `loss` (mean of the directions used), `query_to_target`, `target_to_query` (when symmetric) and
-            `accuracy` (share of queries whose best candidate is their own target).
+            `loss` (mean of the directions used), `query_to_target`, `target_to_query` (when symmetric),
+            `accuracy` (share of queries whose best candidate is their own target) and, when it is learned, the
+            current `temperature`.
         """
         rank, _ = rank_and_world()
         query, target = query.float(), target.float()
@@ -79,11 +108,14 @@ class ContrastiveLoss(nn.Module):
         candidates = [gather_with_grad(target)]
         if self.reference_negatives and reference is not None:
             candidates.append(gather_with_grad(reference.float()))  # appended after the targets: never a label
-        logits = query @ torch.cat(candidates).T / self.temperature
+        logits = self._scaled(query @ torch.cat(candidates).T)
         terms = {"query_to_target": F.cross_entropy(logits, labels)}
         if self.symmetric:
-            logits_back = target @ gather_with_grad(query).T / self.temperature
+            logits_back = self._scaled(target @ gather_with_grad(query).T)
             terms["target_to_query"] = F.cross_entropy(logits_back, labels)
         loss = torch.stack(list(terms.values())).mean()
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy, **{name: value.detach() for name, value in terms.items()}}
+        metrics = {"accuracy": accuracy, **{name: value.detach() for name, value in terms.items()}}
+        if self.logit_scale is not None:
+            metrics["temperature"] = 1.0 / self.learned_scale().detach()
+        return {"loss": loss, **metrics}

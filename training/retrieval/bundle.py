@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
         raise FileExistsError(f"{out} exists and is not an inference bundle; choose another --out")
     step, checkpoint_dir = resolve_checkpoint(checkpoint)
     model, saved = load_checkpoint_model(checkpoint_dir, _cpu())
-    resolved = with_tower_flags(saved)
+    resolved = replace(with_tower_flags(saved), **model.switches)  # as rebuilt (a pre-switch checkpoint's too)
     backbone = resolved.backbone
     mean, std = normalisation(backbone)
     out.parent.mkdir(parents=True, exist_ok=True)

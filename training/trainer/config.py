@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from training.engine.config import BatchGeometry
 
+OBJECTIVES = ("context", "towers")
+
 
 @dataclass
 class TrainConfig:
@@ -21,8 +23,13 @@ class TrainConfig:
     """Seed of model init and per-rank RNG streams."""
     max_consecutive_skips: int = 10
     """Abort after this many non-finite steps in a row."""
+    objective: str = "context"
+    """What the job trains: `context` (ConText-CIR: contrastive + Text-CC) or `towers` (the CLIP-style pretraining
+    of the open_clip towers on described images, section `pretrain`)."""
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective={self.objective!r} must be one of {OBJECTIVES}")
         if self.steps < 1 or self.global_batch < 1 or self.micro_batch < 1:
             raise ValueError("train.steps, train.global_batch and train.micro_batch must be >= 1")
         if self.max_consecutive_skips < 1:

@@ -16,6 +16,7 @@ from training.engine.config import BatchGeometry, DeepSpeedConfig, OptimConfig
 from training.model.config import ModelConfig
 from training.monitor.config import LoggingConfig
 from training.objectives.config import LossConfig
+from training.objectives.pretrain_config import PretrainConfig
 from training.trainer.config import TrainConfig
 
 
@@ -25,6 +26,7 @@ class TrainJob(Protocol):
     model: ModelConfig
     data: DataConfig
     loss: LossConfig
+    pretrain: PretrainConfig
     optim: OptimConfig
     deepspeed: DeepSpeedConfig
     train: TrainConfig

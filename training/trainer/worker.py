@@ -45,7 +45,7 @@ def build_monitor(config: TrainJob, rank: int, start_step: int, model: torch.nn.
         model=model,
         device=device,
         partitioned=config.deepspeed.zero_stage == 3,
-        text_cc=config.loss.lambda_cc > 0,
+        text_cc=config.loss.lambda_cc > 0 and config.train.objective == "context",
     )
 
 
@@ -62,6 +62,17 @@ def build_checkpointer(config: TrainJob, engine, model: torch.nn.Module, reader,
         per_rank={"reader": reader, "rng": RngState()},
         per_run={"train": state},
     )
+
+
+def build_objective(config: TrainJob) -> torch.nn.Module:
+    """The module the engine wraps: the network plus the losses `train.objective` selects."""
+    if config.train.objective == "towers":
+        from training.objectives.tower_pretraining import TowerPretrainObjective
+
+        return TowerPretrainObjective(config.model, config.pretrain)
+    from training.objectives.context_cir import ConTextObjective
+
+    return ConTextObjective(config.model, config.loss)
 
 
 def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
@@ -93,10 +104,9 @@ def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
 
     from shards.stream.reader import build_reader
     from training.model.weights import load_model_weights
-    from training.objectives.context_cir import ConTextObjective
 
     seed_everything(config.train.seed)  # identical initial weights on every rank
-    objective = ConTextObjective(config.model, config.loss)
+    objective = build_objective(config)
     resume = layout.latest_complete(config.run_dir)
     if resume is None and config.model.init_from:
         load_model_weights(objective.model, config.model.init_from)

@@ -35,18 +35,21 @@ class Protocol:
     average: tuple[str, ...] = ()
     """Metrics whose mean is reported as `avg` (CIRR: recall@5 and recall_subset@1)."""
     grounding: bool = False
-    """Score the share of each noun phrase's attention inside its object's box (synthetic)."""
+    """Score how each noun phrase's maps find its box on the reference (`training.evaluation.grounding`; synthetic)."""
 
 
 @dataclass(frozen=True)
 class GroundedPhrase:
-    """A noun phrase of a query caption and the box of the reference-image object it names."""
+    """A noun phrase of a query caption and the box on the reference image it is grounded on."""
 
     text: str
     box: tuple[float, float, float, float]
     """(x0, y0, x1, y1) as fractions of the reference image's width and height."""
     char_start: int | None = None
     """Character offset of the phrase in the caption when the annotation gives it; else its first occurrence."""
+    kind: str = "present"
+    """What it names: `present` (an object of the reference; its box), `added` (an object the edit creates; the
+    cell it goes to), `position` (a grid cell), or anything else (e.g. `other`: "the colour of the red circle")."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.caption_joining import FASHIONIQ_CATEGORIES, fashioniq_text
 from training.evaluation.benchmarks.base import (
     Benchmark,
     BenchmarkError,
@@ -29,16 +30,9 @@ from training.evaluation.benchmarks.base import (
     require_known,
 )
 
-CATEGORIES = ("dress", "shirt", "toptee")
+# The caption template is shared with the FashionIQ training source, so it lives in `shards`.
+CATEGORIES = FASHIONIQ_CATEGORIES
 FASHIONIQ_PROTOCOL = Protocol(recall_ks=(10, 50), remove_reference=False)
-
-
-def fashioniq_text(captions: list[str] | tuple[str, ...]) -> str:
-    """Join FashionIQ's two relative captions the way the benchmark's evaluations do."""
-    if len(captions) != 2:
-        raise ValueError(f"a FashionIQ query has two captions, got {len(captions)}: {captions!r}")
-    first, second = captions
-    return f"{first.strip('.?, ').capitalize()} and {second.strip('.?, ')}"
 
 
 def read_fashioniq(root: str | Path, category: str, split: str = "val") -> BenchmarkSplit:

@@ -1,10 +1,19 @@
 """The embedded synthetic benchmark: CIRR's layout (val images under dev/) plus `objects.json`.
 
     <root>/objects.json = {"images":   {name: {"objects": [{"id", "box": [x0, y0, x1, y1] (fractions), ...}]}},
-                           "captions": {"val": {"<pairid>": [{"np": text, "object": id, "image": "reference"}]}}}
+                           "captions": {"val": {"<pairid>": [{"np": text, "char_start": int, "kind": str,
+                                                              "object": id | null, "box": [...] | null,
+                                                              "image": "reference"}]}}}
 
-Protocol: CIRR's (recall@{1,5,10,50} with the reference removed, recall_subset@{1,2,3}, avg) plus a grounding
-score over the noun phrases that name an object of the reference image.
+Every caption NP is listed with what it names (`kind`): `present` (an object of the reference image, grounded on
+that object's box), `added` (an object the edit creates, grounded on the grid cell it goes to), `position` (a grid
+cell NP such as "the top left", grounded on the cell), or `other` ("the colour", no box; "the colour of the red
+circle", the object's box). Entries without `kind` are `present`.
+
+Protocol: CIRR's (recall@{1,5,10,50} with the reference removed, recall_subset@{1,2,3}, avg) plus grounding: every
+NP with a box has its in-context, isolated and tower maps scored by pointing, AUC and box share beside their chance
+levels, split into present / added_or_position / rest (`training.evaluation.grounding`). `grounding` alone is the
+mean in-context box share of present NPs, as before these measures existed.
 """
 
 from __future__ import annotations
@@ -35,7 +44,11 @@ SYNTHETIC_PROTOCOL = Protocol(
 )
 
 
-def _box(raw: object, path: Path, where: str) -> tuple[float, float, float, float]:
+Box = tuple[float, float, float, float]
+"""(x0, y0, x1, y1) as fractions of the image."""
+
+
+def _box(raw: object, path: Path, where: str) -> Box:
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
         raise BenchmarkError(f"{path}: {where} box must be [x0, y0, x1, y1], got {raw!r}")
     x0, y0, x1, y1 = (float(value) for value in raw)
@@ -44,11 +57,23 @@ def _box(raw: object, path: Path, where: str) -> tuple[float, float, float, floa
     return x0, y0, x1, y1
 
 
+def _object_box(images: dict, reference: str, object_id: object, path: Path, where: str) -> Box:
+    """The box of the reference object a `present` phrase names; the object must be listed."""
+    objects = images.get(reference, {}).get("objects", [])
+    match = [item for item in objects if item.get("id") == object_id]
+    if not match:
+        raise BenchmarkError(
+            f"{path}: {where} names object {object_id!r}, which reference image {reference} does not list"
+        )
+    return _box(match[0].get("box"), path, f"images.{reference}.objects")
+
+
 def read_synthetic(root: str | Path, split: str = "val") -> BenchmarkSplit:
-    """Read the synthetic benchmark's split with each query's grounded noun phrases.
+    """Read the synthetic benchmark's split with each query's grounded noun phrases (every reference NP with a box).
 
     Raises:
-        BenchmarkError: a missing file or image, or an NP whose object the reference image lacks.
+        BenchmarkError: a missing file or image, a malformed box, or a `present` NP whose object the reference image
+            lacks.
     """
     root = Path(root)
     benchmark = read_cirr_layout(root, split, name="synthetic", protocol=SYNTHETIC_PROTOCOL, require_labels=True)
@@ -59,33 +84,30 @@ def read_synthetic(root: str | Path, split: str = "val") -> BenchmarkSplit:
     phrase_lists = annotations["captions"].get(split, {})
     images = annotations["images"]
     queries = []
-    grounded = 0
+    grounded, without_box = 0, 0
     for query in benchmark.queries:
         phrases = []
         for position, phrase in enumerate(phrase_lists.get(query.query_id, ())):
-            # Only phrases about the reference image can be grounded on it; others (e.g. an object to add) can't.
             if phrase.get("image", "reference") != "reference":
-                continue
+                continue  # a phrase about the target image cannot be grounded on the reference
             where = f"captions.{split}.{query.query_id}[{position}]"
-            objects = images.get(query.reference, {}).get("objects", [])
-            match = [item for item in objects if item.get("id") == phrase.get("object")]
-            if not match:
-                raise BenchmarkError(
-                    f"{objects_file}: {where} names object {phrase.get('object')!r}, "
-                    f"which reference image {query.reference} does not list"
-                )
+            kind = str(phrase.get("kind", "present"))
+            if kind == "present":
+                box = _object_box(images, query.reference, phrase.get("object"), objects_file, where)
+            elif phrase.get("box") is None:
+                without_box += 1  # e.g. "the colour": nothing on the image to point at
+                continue
+            else:
+                box = _box(phrase["box"], objects_file, where)
             start = phrase.get("char_start")
-            phrases.append(
-                GroundedPhrase(
-                    text=str(phrase["np"]),
-                    box=_box(match[0].get("box"), objects_file, f"images.{query.reference}.objects"),
-                    char_start=int(start) if start is not None else None,
-                )
-            )
+            text = str(phrase["np"])
+            phrases.append(GroundedPhrase(text, box, int(start) if start is not None else None, kind))
         grounded += len(phrases)
         queries.append(replace(query, phrases=tuple(phrases)))
     benchmark.queries = queries
-    benchmark.version.update({"objects_sha256": file_digest(objects_file), "grounded_phrases": grounded})
+    benchmark.version.update(
+        {"objects_sha256": file_digest(objects_file), "grounded_phrases": grounded, "phrases_without_box": without_box}
+    )
     return benchmark
 
 
@@ -108,7 +130,9 @@ register_benchmark(
         protocol=SYNTHETIC_PROTOCOL,
         read=_scored,
         summary="the embedded synthetic benchmark (`launch/make_synthetic.py`): the CIRR protocol plus grounding, "
-        "the share of each noun phrase's attention inside its object's box",
+        "each noun phrase's in-context, isolated and tower maps against its box (pointing, AUC, box share, each "
+        "beside its chance level; split by what the phrase names), and `grounding`, the in-context box share of "
+        "phrases naming a reference object",
         settings=SyntheticSettings,
     )
 )
