@@ -42,13 +42,17 @@ test: $(STAMP) system-packages
 	$(MAKE) lint
 	$(PY) -m pytest tests
 
-# Synthetic benchmark -> shards -> training on a local Ray (127.0.0.1, 2 workers) -> eval of the final checkpoint
-# -> an inference bundle -> a Ray Data index of the val gallery -> one search drawn as runs/demo/search.png.
+# Synthetic benchmark -> pretraining of the tiny towers on its scene descriptions (cached by a digest of data +
+# config) -> shards -> ConText training from those towers on a local Ray (127.0.0.1, 2 workers) -> eval of the final
+# checkpoint -> an inference bundle -> a Ray Data index of the val gallery -> one search drawn as runs/demo/search.png.
 # The run lands in runs/demo/; running it again resumes (and finds the run already finished).
+TOWERS := runs/towers/ContextTiny.safetensors
 demo: $(STAMP)
 	$(PY) launch/make_synthetic.py
+	$(PY) launch/build_shards.py --config configs/tiny_pretrain.yaml
+	$(PY) launch/pretrain_towers.py --config configs/tiny_pretrain.yaml pretrain.towers_out=$(TOWERS)
 	$(PY) launch/build_shards.py --config configs/tiny.yaml
-	$(PY) launch/train.py --config configs/tiny.yaml
+	$(PY) launch/train.py --config configs/tiny.yaml model.weights_file=$(TOWERS)
 	$(PY) launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
 	$(PY) launch/export.py --checkpoint runs/demo/checkpoints/latest --out runs/demo/bundle --overwrite
 	$(PY) launch/index.py --config configs/tiny.yaml --bundle runs/demo/bundle --benchmark synthetic \

@@ -103,18 +103,33 @@ def write_fashioniq(root: Path, categories: tuple[str, ...] = ("dress", "shirt",
         (root / "image_splits" / f"split.{category}.val.json").write_text(json.dumps(names))
 
 
+SYNTHETIC_KINDS = ("present", "position", "added", "other")
+"""The kinds of the grounded NPs `write_synthetic` lists per query, in order (the box-less `other` NP and the NP
+about the target image are not grounded)."""
+
+
 def write_synthetic(root: Path, sets: int = 2, split: str = "val") -> list[dict]:
-    """The synthetic benchmark's layout: CIRR (images under dev/) plus objects.json with boxes and grounded NPs."""
+    """The synthetic benchmark's layout: CIRR (images under dev/) plus objects.json with boxes and grounded NPs.
+
+    Each caption ("make the shape in set S look like member T") lists an NP of every kind: "the shape" names the
+    reference's object (`present`, no `kind` field, as older files have it), "set S" a cell (`position`, top left
+    quadrant), "member T" an object to add (`added`, bottom right quadrant), "the shape in set S" something else
+    grounded on the object (`other`), "the shape" again as an `other` NP without a box, and "member" about the target.
+    """
     entries = write_cirr_layout(root, split, "dev", sets=sets, seed=3, boxes=True)
     listing = json.loads((root / "cirr" / "image_splits" / f"split.rc2.{split}.json").read_text())
     images = {name: {"objects": [{"id": "o0", "box": [0.25, 0.25, 0.75, 0.75], "shape": "square"}]} for name in listing}
-    captions = {
-        str(entry["pairid"]): [
+    captions = {}
+    for entry in entries:
+        set_index, target = entry["img_set"]["id"], entry["img_set"]["members"].index(entry["target_hard"])
+        captions[str(entry["pairid"])] = [
             {"np": "the shape", "object": "o0", "image": "reference"},
+            {"np": f"set {set_index}", "kind": "position", "box": [0.0, 0.0, 0.5, 0.5], "image": "reference"},
+            {"np": f"member {target}", "kind": "added", "box": [0.5, 0.5, 1.0, 1.0], "image": "reference"},
+            {"np": f"the shape in set {set_index}", "kind": "other", "object": "o0", "box": [0.25, 0.25, 0.75, 0.75]},
+            {"np": "the shape", "kind": "other", "object": None, "box": None, "image": "reference"},
             {"np": "member", "object": "o9", "image": "target"},
         ]
-        for entry in entries
-    }
     (root / "objects.json").write_text(json.dumps({"images": images, "captions": {split: captions}}))
     return entries
 

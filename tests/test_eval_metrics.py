@@ -8,10 +8,10 @@ import torch
 
 from training.evaluation.benchmarks.fashioniq import fashioniq_text
 from training.evaluation.encode import box_in_crop
+from training.evaluation.grounding import box_share
 from training.evaluation.metrics import (
     NO_INDEX,
     average_precision_at_k,
-    box_share,
     map_at_k,
     rank_gallery,
     rank_subsets,

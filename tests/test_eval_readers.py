@@ -105,11 +105,26 @@ def test_patterncir_needs_a_labelled_split(tmp_path) -> None:
 def test_synthetic_grounded_phrases(tmp_path) -> None:
     write_synthetic(tmp_path, sets=1)
     split = read_synthetic(tmp_path, "val")
-    assert split.protocol.grounding and split.version["grounded_phrases"] == 2
-    # The NP about the target image is not grounded on the reference; the reference NP carries its object's box.
-    assert [(phrase.text, phrase.box) for phrase in split.queries[0].phrases] == [
-        ("the shape", (0.25, 0.25, 0.75, 0.75))
+    # Per query four NPs with a box; the box-less `other` NP and the NP about the target image are left out.
+    assert split.protocol.grounding and split.version["grounded_phrases"] == 8
+    assert split.version["phrases_without_box"] == 2
+    # A present NP carries its object's box, the others the box their entry gives.
+    assert [(phrase.text, phrase.kind, phrase.box) for phrase in split.queries[0].phrases] == [
+        ("the shape", "present", (0.25, 0.25, 0.75, 0.75)),
+        ("set 0", "position", (0.0, 0.0, 0.5, 0.5)),
+        ("member 1", "added", (0.5, 0.5, 1.0, 1.0)),
+        ("the shape in set 0", "other", (0.25, 0.25, 0.75, 0.75)),
     ]
+    objects = json.loads((tmp_path / "objects.json").read_text())
+    objects["captions"]["val"]["0"][0]["object"] = "o7"
+    (tmp_path / "objects.json").write_text(json.dumps(objects))
+    with pytest.raises(BenchmarkError, match=r"captions\.val\.0\[0\] names object 'o7'"):
+        read_synthetic(tmp_path, "val")
+    objects["captions"]["val"]["0"][0]["object"] = "o0"
+    objects["captions"]["val"]["0"][1]["box"] = [0.5, 0.0, 0.2, 1.0]
+    (tmp_path / "objects.json").write_text(json.dumps(objects))
+    with pytest.raises(BenchmarkError, match=r"captions\.val\.0\[1\] box"):
+        read_synthetic(tmp_path, "val")
     (tmp_path / "objects.json").unlink()
     with pytest.raises(BenchmarkError, match=r"objects\.json"):
         read_synthetic(tmp_path, "val")

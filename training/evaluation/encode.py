@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training.evaluation.benchmarks.base import BenchmarkSplit, GroundedPhrase
-from training.evaluation.grounding import PhraseGrounding, score_map
+from training.evaluation.grounding import PhraseGrounding, score_maps
 from training.evaluation.methods.base import GalleryBatch, Method, QueryBatch
 from training.evaluation.phrase_maps import PhraseInputs, PhraseTokens, phrase_inputs, phrase_maps, query_pass_states
 
@@ -210,12 +210,16 @@ def _score_grounding(
     result: QueryEncodings,
 ) -> None:
     """Append every phrase's scored maps for one batch of queries (map kind -> (B, N, gh, gw))."""
-    maps = {kind: kind_maps.float().cpu().numpy() for kind, kind_maps in maps.items()}
     mask = phrases.mask.cpu()
+    kinds, boxes, rows, columns = [], [], [], []
     for row, query in enumerate(queries):
         image_width, image_height = (int(value) for value in sizes[row])
         for column, phrase in enumerate(query.phrases):
             if mask[row, column]:
-                box = box_in_crop(phrase.box, image_width, image_height)
-                scored = {kind: score_map(kind_maps[row, column], box) for kind, kind_maps in maps.items()}
-                result.grounding.append(PhraseGrounding(phrase.kind, scored))
+                kinds.append(phrase.kind)
+                boxes.append(box_in_crop(phrase.box, image_width, image_height))
+                rows.append(row)
+                columns.append(column)
+    scored = {kind: score_maps(kind_maps.float().cpu()[rows, columns], boxes) for kind, kind_maps in maps.items()}
+    for index, kind in enumerate(kinds):
+        result.grounding.append(PhraseGrounding(kind, {map_kind: scores[index] for map_kind, scores in scored.items()}))

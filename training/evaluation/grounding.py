@@ -15,15 +15,17 @@ the (cropped) image the grid covers. A patch is in the box when its centre is, e
   share of patches in the box, what a uniform map scores. Maps are nearly flat, so this stays near the chance level
   whatever the ranking; pointing and AUC show the ranking.
 
-Everything here is pure numpy: maps and boxes in, numbers out.
+Everything here is pure: maps and boxes in, numbers out, a batch of maps at a time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 MAP_KINDS = ("context", "isolated", "tower")
 """`context`: the fusion head's in-context map (`fused/np_maps`, what the model uses); `isolated`: the same with the
@@ -51,62 +53,50 @@ def metric_name(map_kind: str, split: str, measure: str) -> str:
     return f"{PREFIX}/{map_kind}/{split}/{measure}"
 
 
-def patches_in_box(grid: tuple[int, int], box: Sequence[float]) -> np.ndarray:
-    """(gh, gw) bool: the patches of a `grid` whose centres lie inside `box` (fractions, edges included)."""
+def patches_in_boxes(grid: tuple[int, int], boxes: torch.Tensor) -> torch.Tensor:
+    """(M, gh, gw) bool: the patches of a `grid` whose centres lie inside each of `boxes` (M, 4), edges included."""
     grid_h, grid_w = grid
-    centres_y = (np.arange(grid_h) + 0.5) / grid_h
-    centres_x = (np.arange(grid_w) + 0.5) / grid_w
-    x0, y0, x1, y1 = box
-    return ((centres_y >= y0) & (centres_y <= y1))[:, None] & ((centres_x >= x0) & (centres_x <= x1))[None, :]
+    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    centres_y = (torch.arange(grid_h, dtype=torch.float64) + 0.5) / grid_h
+    centres_x = (torch.arange(grid_w, dtype=torch.float64) + 0.5) / grid_w
+    x0, y0, x1, y1 = (boxes[:, index, None] for index in range(4))
+    inside_y = (centres_y >= y0) & (centres_y <= y1)  # (M, gh)
+    inside_x = (centres_x >= x0) & (centres_x <= x1)  # (M, gw)
+    return inside_y[:, :, None] & inside_x[:, None, :]
 
 
-def mass_share(score_map: np.ndarray, inside: np.ndarray) -> float:
-    """Share of a map's mass (negative scores count as zero) in the patches `inside`; 0 for a map without mass."""
-    mass = np.clip(np.asarray(score_map, dtype=np.float64), 0.0, None)
-    total = mass.sum()
-    return float(mass[inside].sum() / total) if total > 0 else 0.0
+def mass_share(maps: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(M,) share of each map's mass (negative scores count as zero) in its patches `inside`; 0 without mass."""
+    mass = maps.reshape(len(maps), -1).double().clamp(min=0.0)
+    total = mass.sum(dim=1)
+    share = (mass * inside.reshape(len(maps), -1)).sum(dim=1) / total.clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.where(total > 0, share, torch.zeros_like(share))
 
 
-def box_share(score_map: np.ndarray, box: Sequence[float]) -> float:
-    """Share of a (gh, gw) map's mass in the patches whose centres lie inside `box`, in [0, 1]."""
-    score_map = np.asarray(score_map)
-    return mass_share(score_map, patches_in_box(score_map.shape, box))
+def pointing(maps: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(M,) 1 where the highest patch is `inside`; tied highest patches share the point (the fraction inside)."""
+    scores = maps.reshape(len(maps), -1).double()
+    top = scores == scores.max(dim=1, keepdim=True).values
+    return (top & inside.reshape(len(maps), -1)).sum(dim=1).double() / top.sum(dim=1)
 
 
-def pointing(score_map: np.ndarray, inside: np.ndarray) -> float:
-    """1 when the highest patch is `inside`; tied highest patches share the point (the fraction of them inside)."""
-    scores = np.asarray(score_map, dtype=np.float64).ravel()
-    top = scores == scores.max()
-    return float(inside.ravel()[top].mean())
+def roc_auc(maps: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(M,) P(an in-box patch scores above an out-of-box one), ties counting half; NaN where a side is empty.
 
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of `values` in ascending order, tied values sharing the mean of their ranks."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    # Each run of equal values spans positions [first, last]; all of it gets (first + last) / 2 + 1.
-    boundaries = np.flatnonzero(np.diff(ordered)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(values)]))
-    run_ranks = (starts + ends - 1) / 2 + 1
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat(run_ranks, ends - starts)
-    return ranks
-
-
-def roc_auc(score_map: np.ndarray, inside: np.ndarray) -> float | None:
-    """P(an in-box patch scores above an out-of-box patch), ties counting half; None when one side is empty.
-
-    The Mann-Whitney U statistic over rank sums, so it costs a sort rather than every pair of patches.
+    The Mann-Whitney U statistic from rank sums: a sort per map rather than every pair of patches. A patch's rank is
+    the mean of the 1-based positions its value occupies in the sorted map, so tied patches share their ranks.
     """
-    scores = np.asarray(score_map, dtype=np.float64).ravel()
-    positive = inside.ravel()
-    n_in = int(positive.sum())
-    n_out = positive.size - n_in
-    if n_in == 0 or n_out == 0:
-        return None
-    rank_sum = average_ranks(scores)[positive].sum()
-    return float((rank_sum - n_in * (n_in + 1) / 2) / (n_in * n_out))
+    scores = maps.reshape(len(maps), -1).double()
+    positive = inside.reshape(len(maps), -1)
+    ordered = scores.sort(dim=1).values
+    below = torch.searchsorted(ordered, scores, right=False)  # patches scoring less
+    at_most = torch.searchsorted(ordered, scores, right=True)  # patches scoring less or the same
+    ranks = (below + at_most + 1) / 2
+    n_in = positive.sum(dim=1).double()
+    n_out = positive.shape[1] - n_in
+    rank_sum = (ranks * positive).sum(dim=1)
+    auc = (rank_sum - n_in * (n_in + 1) / 2) / (n_in * n_out).clamp(min=1)
+    return torch.where((n_in > 0) & (n_out > 0), auc, torch.full_like(auc, float("nan")))
 
 
 @dataclass(frozen=True)
@@ -121,16 +111,31 @@ class MapScore:
     """The share of patches in the box: the chance level of both pointing and box share."""
 
 
-def score_map(score_map: np.ndarray, box: Sequence[float]) -> MapScore:
-    """Pointing, AUC, box share and chance of a (gh, gw) map against `box`."""
-    score_map = np.asarray(score_map, dtype=np.float64)
-    inside = patches_in_box(score_map.shape, box)
-    return MapScore(
-        pointing=pointing(score_map, inside),
-        auc=roc_auc(score_map, inside),
-        box_share=mass_share(score_map, inside),
-        chance=float(inside.mean()),
+def score_maps(maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]]) -> list[MapScore]:
+    """Pointing, AUC, box share and chance of each map (M, gh, gw) against its box (M, 4), in one batched pass."""
+    maps = torch.as_tensor(maps).detach().cpu().double()
+    if not len(maps):
+        return []
+    inside = patches_in_boxes(tuple(maps.shape[1:]), torch.as_tensor(boxes, dtype=torch.float64))
+    columns = (
+        pointing(maps, inside).tolist(),
+        roc_auc(maps, inside).tolist(),
+        mass_share(maps, inside).tolist(),
+        inside.reshape(len(maps), -1).double().mean(dim=1).tolist(),
     )
+    return [
+        MapScore(point, None if math.isnan(auc) else auc, share, chance) for point, auc, share, chance in zip(*columns)
+    ]
+
+
+def score_map(one_map: np.ndarray | torch.Tensor, box: Sequence[float]) -> MapScore:
+    """`score_maps` of one (gh, gw) map."""
+    return score_maps(torch.as_tensor(np.asarray(one_map))[None], [box])[0]
+
+
+def box_share(one_map: np.ndarray | torch.Tensor, box: Sequence[float]) -> float:
+    """Share of a (gh, gw) map's mass (negative scores count as zero) in the patches whose centres lie inside `box`."""
+    return score_map(one_map, box).box_share
 
 
 @dataclass(frozen=True)
@@ -192,9 +197,7 @@ def format_grounding(metrics: Mapping[str, float | int], indent: str = "  ") -> 
 
     def cell(map_kind: str, split: str, measure: str, chance: str, percent: bool) -> str:
         value, beside = (metrics.get(metric_name(map_kind, split, name)) for name in (measure, chance))
-        if value is None:
-            return "-"
-        shown = f"{100 * value:.2f}" if percent else f"{value:.3f}"
+        shown = "-" if value is None else f"{100 * value:.2f}" if percent else f"{value:.3f}"
         if beside is None:
             return shown
         return f"{shown} ({100 * beside:.2f})" if percent else f"{shown} ({int(beside)})"

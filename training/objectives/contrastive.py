@@ -66,7 +66,8 @@ class ContrastiveLoss(nn.Module):
     With `learnable_temperature` the temperature is learned as CLIP learns it: `logit_scale` holds log(1/tau),
     starts at log(1/temperature), and its exponent is clamped to [1, MAX_LOGIT_SCALE] in the forward (a scale at
     the clamp gets no gradient past it). Being a parameter of this module, it is optimized and checkpointed with
-    the objective; without the option there is no such parameter at all.
+    the objective; without the option there is no such parameter at all. It has shape (1,), not CLIP's (): DeepSpeed
+    handles 0-d trainable parameters wrongly (its gradient clipping broadcasts a (1,) coefficient into them).
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class ContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.reference_negatives = reference_negatives
         self.symmetric = symmetric
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature))) if learnable_temperature else None
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature))) if learnable_temperature else None
 
     def learned_scale(self) -> torch.Tensor:
         """The learned 1/tau, exp(logit_scale) clamped to [1, MAX_LOGIT_SCALE]; only with `learnable_temperature`."""
@@ -117,5 +118,5 @@ class ContrastiveLoss(nn.Module):
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         metrics = {"accuracy": accuracy, **{name: value.detach() for name, value in terms.items()}}
         if self.logit_scale is not None:
-            metrics["temperature"] = 1.0 / self.learned_scale().detach()
+            metrics["temperature"] = 1.0 / self.learned_scale().detach().reshape(())
         return {"loss": loss, **metrics}

@@ -145,7 +145,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model_weights(model, staging / WEIGHTS)
-        _save_towers(model.backbone.clip, staging / TOWERS)
+        save_open_clip_towers(model.backbone.clip, staging / TOWERS)
         architecture = {"model_name": backbone, **model_config(backbone)}
         (staging / TOWERS_CONFIG).write_text(json.dumps(architecture, indent=2) + "\n")
         info = BundleInfo(
@@ -196,7 +196,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _save_towers(clip_model, path: Path) -> None:
+def save_open_clip_towers(clip_model, path: Path) -> None:
     """The open_clip model's own state dict (its parameter names), as open_clip's loader expects."""
     from safetensors.torch import save_file
 

@@ -1,0 +1,81 @@
+"""The Text-CC ablation on the embedded default: lambda x 3 seeds, from random and from pretrained towers.
+
+    python launch/ablate_cc.py --config configs/tiny.yaml --towers runs/towers/ContextTiny.safetensors
+    python launch/ablate_cc.py --config configs/tiny.yaml --inits pretrained --lambdas 0,0.08 --seeds 0 --steps 200
+
+Each cell trains `<config>` with `loss.lambda_cc`, `train.seed` and (pretrained) `model.weights_file` set, as the run
+`ablation-<init>-lambda<l>-seed<s>` on one local Ray, then scores its final checkpoint with the eval job. Cells
+already in `<storage>/ablation/results.jsonl` are skipped, so a rerun resumes. It ends by printing the markdown
+table (mean +- std over seeds) that the README quotes, and writes it to `<storage>/ablation/table.md`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--towers", help="open_clip weights of the pretrained towers (launch/pretrain_towers.py)")
+    parser.add_argument("--inits", default="random,pretrained", help="comma list of random, pretrained")
+    parser.add_argument("--lambdas", default="0,0.08,0.3", help="comma list of loss.lambda_cc values")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of every cell")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, base = parse_config_args(argv, "Sweep loss.lambda_cc x seeds x tower init.", add_arguments)
+        from cluster.ablation import cells
+
+        sweep = list(
+            cells(
+                [name.strip() for name in args.inits.split(",")],
+                [float(value) for value in args.lambdas.split(",")],
+                [int(value) for value in args.seeds.split(",")],
+            )
+        )
+        if any(cell.init == "pretrained" for cell in sweep) and not (args.towers and Path(args.towers).is_file()):
+            raise ConfigError(f"--towers {args.towers!r} is not a file (run launch/pretrain_towers.py first)")
+    except (ConfigError, ValueError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    from cluster.ablation import RESULTS, append_result, model_metrics, read_results, table
+    from cluster.root_config import load_config
+
+    results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
+    done = read_results(results_path)
+    pending = [cell for cell in sweep if cell.run_name not in done]
+    print(f"ablation: {len(sweep)} cells, {len(sweep) - len(pending)} already done; results in {results_path}")
+    if pending:
+        from cluster.ray_setup import connect
+
+        print(connect(base.cluster), flush=True)  # one local Ray for every cell
+        from cluster.trainer import run_training
+        from training.evaluation.runner import Evaluator
+
+        for number, cell in enumerate(pending, start=1):
+            started = time.perf_counter()
+            config = load_config(args.config, [*args.overrides, *cell.overrides(args.steps, args.towers)])
+            run_dir = run_training(config)
+            result = Evaluator(config, ["synthetic"]).evaluate(run_dir / "checkpoints" / "latest")
+            metrics = model_metrics(result)
+            append_result(results_path, cell, args.steps, metrics)
+            print(
+                f"[{number}/{len(pending)}] {cell.run_name}: R@1 {metrics.get('recall@1', float('nan')):.2f} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+    markdown = table(read_results(results_path))
+    (results_path.parent / "table.md").write_text(markdown + "\n")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
