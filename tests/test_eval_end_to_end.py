@@ -7,7 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from eval_fixtures import write_checkpoint, write_circo, write_cirr_layout, write_fashioniq, write_synthetic
@@ -16,9 +15,9 @@ from PIL import Image
 from cluster.root_config import load_config
 from shards.model_inputs import eval_transform, tokenizer
 from training.evaluation.benchmarks.synthetic import read_synthetic
+from training.evaluation.grounding import MAP_KINDS, MEASURES, PHRASE_SPLITS, metric_name, score_map, split_of
 from training.evaluation.methods import METHODS
-from training.evaluation.metrics import box_share
-from training.evaluation.scoring import EncodeSettings, score_split
+from training.evaluation.phrase_maps import TOWER_MAP_TEMPERATURE
 from training.evaluation.spans import phrase_span_finder
 from training.evaluation.submissions import validate_circo_submission, validate_cirr_submission
 from training.model.context_cir import build_model
@@ -27,6 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 CIRR_KEYS = {"recall@1", "recall@5", "recall@10", "recall@50", "recall_subset@1", "recall_subset@2", "recall_subset@3"}
 CIRR_KEYS |= {"avg"}
+GROUNDING_KEYS = {
+    metric_name(kind, split, measure) for kind in MAP_KINDS for split in PHRASE_SPLITS for measure in MEASURES
+}
+COUNTS = {key for key in GROUNDING_KEYS if key.endswith(("/n", "/auc_skipped"))}
 EXPECTED_KEYS = {
     "cirr": CIRR_KEYS,
     "circo": {"recall@1", "recall@5", "recall@10", "recall@25", "recall@50", "map@5", "map@10", "map@25", "map@50"},
@@ -34,7 +37,7 @@ EXPECTED_KEYS = {
     | {f"{category}/recall@{k}" for category in ("dress", "shirt", "toptee") for k in (10, 50)},
     "patterncir": {"recall@1", "recall@5", "recall@10", "recall@20", "recall@50"}
     | {"recall_subset@1", "recall_subset@2", "recall_subset@3"},
-    "synthetic": CIRR_KEYS | {"grounding"},
+    "synthetic": CIRR_KEYS | {"grounding"} | GROUNDING_KEYS,
 }
 
 
@@ -87,9 +90,10 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
         assert set(entry["metrics"]) == keys, name
         assert set(entry["baselines"]) == {"image_only", "text_only", "image_text_sum"}
         # Baselines have no attention maps, so grounding is the model's alone.
-        assert all(set(metrics) == keys - {"grounding"} for metrics in entry["baselines"].values()), name
+        assert all(set(metrics) == keys - {"grounding"} - GROUNDING_KEYS for metrics in entry["baselines"].values())
         for metrics in (entry["metrics"], *entry["baselines"].values()):
-            assert all(0.0 <= value <= 1.0 for value in metrics.values()), (name, metrics)
+            fractions = {metric: value for metric, value in metrics.items() if metric not in COUNTS}
+            assert all(0.0 <= value <= 1.0 for value in fractions.values()), (name, metrics)
         assert entry["version"], name
 
     # Predictions agree with the metrics, and CIRR's protocol never predicts the query's own reference.
@@ -104,7 +108,12 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
     # CIRCO keeps the reference: the image-only baseline finds the reference itself first, never the target.
     assert result["benchmarks"]["circo"]["baselines"]["image_only"]["recall@1"] == 0.0
     assert len(result["benchmarks"]["circo"]["predictions"]["0"]) == 50
-    assert result["benchmarks"]["synthetic"]["details"]["grounding_phrases"] == 4
+    # Grounding: 4 queries with one present, two added/position and one rest phrase each, every map kind scored.
+    synthetic = result["benchmarks"]["synthetic"]["metrics"]
+    assert result["benchmarks"]["synthetic"]["details"]["grounding_phrases"] == 16
+    assert [synthetic[metric_name("tower", split, "n")] for split in PHRASE_SPLITS] == [4, 8, 4]
+    assert synthetic["grounding"] == synthetic[metric_name("context", "present", "box_share")]  # kept as it was
+    assert synthetic[metric_name("isolated", "present", "box_share_chance")] == pytest.approx(0.25)  # 16 of 64
 
     # Submission files exist and pass the servers' rules when read back.
     test1 = json.loads((roots["cirr"] / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
@@ -126,11 +135,15 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert "eval/synthetic/recall@1" in scalars and "eval/fashioniq/dress/recall@10" in scalars
+    assert {f"eval/synthetic/{key}" for key in GROUNDING_KEYS} <= set(scalars)
+    assert "eval/synthetic/grounding" in scalars and not any("grounding" in tag for tag in scalars if "cirr" in tag)
     assert [event.step for event in events.Scalars("eval/circo/map@5")] == [100]
 
     printed = capsys.readouterr().out
     assert "synthetic [val] 4 queries, gallery 12" in printed and "image_text_sum" in printed
     assert "recall_subset@1" in printed and "fashioniq [val] 6 queries, gallery 15 over 3 parts" in printed
+    assert "pointing (chance)" in printed and "tower/added_or_position" in printed and "isolated/present" in printed
+    assert "grounding/context" not in printed  # the measures sit in their own table, not as rows of percentages
 
     # --watch on the same run: the final checkpoint (train.steps=100) already has its result, so it exits at once.
     before = (config.run_dir / "eval" / "step_00000100.json").stat().st_mtime_ns
@@ -152,36 +165,62 @@ def test_bad_invocations_exit_before_work(tmp_path, roots, capsys) -> None:
     assert not (config.run_dir / "eval" / "step_00000005.json").exists()
 
 
-def test_grounding_score_is_the_in_box_share_of_concept_maps(tmp_path) -> None:
-    """The synthetic grounding equals the mean in-box share computed directly from `ConTextCIR.concept_maps`."""
+def test_grounding_maps_are_the_models_and_the_towers_own(tmp_path) -> None:
+    """Each phrase's three maps, scored in the query loop, equal the maps computed the long way: in-context and
+    isolated from `ConTextCIR.forward` with the shard builder's `np_ids`, tower from open_clip's own image forward and
+    the phrase's CLIP text embedding. The fusion head is untrained (random init): the tower maps do not need it."""
+    from shards.builder.noun_phrases import NounPhrase
+    from shards.builder.tokens import CaptionTokenizer
+    from training.evaluation.encode import encode_queries
+
     write_synthetic(tmp_path, sets=1)
     split = read_synthetic(tmp_path)
-    config = load_config(TINY)
     torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    find_spans = phrase_span_finder("ContextTiny")
-    settings = EncodeSettings(
-        {"model": METHODS.get("context")},
-        eval_transform("ContextTiny"),
-        tokenizer("ContextTiny"),
-        torch.device("cpu"),
-        4,
-        0,
-        find_spans=find_spans,
-    )
-    scores = score_split(model, split, settings)
+    model = build_model(load_config(TINY).model).eval()
     transform, tokenize = eval_transform("ContextTiny"), tokenizer("ContextTiny")
-    shares = []
+    methods = {"model": METHODS.get("context")}
+    find_spans = phrase_span_finder("ContextTiny")
+    found = encode_queries(model, methods, split, transform, tokenize, torch.device("cpu"), 4, 0, find_spans).grounding
+    builder = CaptionTokenizer("ContextTiny", np_length=16)  # the shard builder's tokenization, as training has it
+    visual = model.backbone.clip.visual
+    expected = []
     with torch.no_grad():
         for query in split.queries:
-            (span,) = find_spans(query.text, query.phrases)
             pixels = transform(Image.open(split.image_paths[query.reference]).convert("RGB"))[None]
-            maps = model.concept_maps(
-                pixels, tokenize([query.text]), torch.tensor([[span]]), torch.tensor([[True]])
-            )  # fixture images are square, so the box needs no crop mapping
-            shares.append(box_share(maps[0, 0].numpy(), query.phrases[0].box))
-    assert scores.metrics["model"]["grounding"] == pytest.approx(float(np.mean(shares)), abs=1e-6)
-    assert 0.0 < scores.metrics["model"]["grounding"] < 1.0
+            phrases = [
+                NounPhrase(p.text, query.text.index(p.text), query.text.index(p.text) + len(p.text))
+                for p in query.phrases
+            ]
+            tokens = builder.tokenize(query.text, phrases)
+            assert tokens.noun_phrases == [phrase.text for phrase in query.phrases]
+            spans, ids = torch.tensor(tokens.np_spans[None]).long(), torch.tensor(tokens.np_ids[None]).long()
+            mask = torch.ones(1, len(phrases), dtype=torch.bool)
+            outputs = model(pixels, tokenize([query.text]), pixels, spans, mask, ids)
+            visual.output_tokens = True
+            patch_tokens = visual(pixels)[1][0]  # open_clip's own forward: patches after ln_post
+            visual.output_tokens = False
+            dense = torch.nn.functional.normalize(patch_tokens @ visual.proj, dim=-1)
+            text = model.encode_text_clip(tokenize([phrase.text for phrase in query.phrases]))
+            maps = {
+                "context": outputs["fused/np_maps"][0],
+                "isolated": outputs["fused/np_maps_isolated"][0],
+                "tower": torch.softmax(text @ dense.T / TOWER_MAP_TEMPERATURE, dim=-1),
+            }
+            for index, phrase in enumerate(query.phrases):  # fixture images are square: boxes need no crop mapping
+                scores = {
+                    kind: score_map(kind_maps[index].reshape(8, 8), phrase.box) for kind, kind_maps in maps.items()
+                }
+                expected.append((phrase.kind, scores))
+    assert len(found) == len(expected) == 8
+    for phrase, (kind, scores) in zip(found, expected):
+        assert phrase.kind == kind and set(phrase.maps) == set(MAP_KINDS)
+        for map_kind in MAP_KINDS:
+            assert phrase.maps[map_kind].pointing == scores[map_kind].pointing, map_kind
+            assert phrase.maps[map_kind].auc == pytest.approx(scores[map_kind].auc, abs=1e-6), map_kind
+            assert phrase.maps[map_kind].box_share == pytest.approx(scores[map_kind].box_share, abs=1e-6), map_kind
+    # The maps differ from one another: the isolated and tower maps are not the in-context one relabelled.
+    present = [phrase.maps for phrase in found if split_of(phrase.kind) == "present"]
+    assert len({round(maps[kind].box_share, 6) for maps in present for kind in MAP_KINDS}) > 1
 
 
 def test_a_checkpoint_saved_with_older_eval_keys_still_loads(tmp_path) -> None:
@@ -198,7 +237,7 @@ def test_a_checkpoint_saved_with_older_eval_keys_still_loads(tmp_path) -> None:
 
 
 def test_grounded_queries_run_each_tower_once_per_batch(tmp_path) -> None:
-    """Grounding reads the concept maps from the pass that encodes the queries: no second image or text pass."""
+    """Grounding reads the maps' image tokens from the pass that encodes the queries: no second image pass."""
     from training.evaluation.encode import encode_queries
 
     write_synthetic(tmp_path, sets=2)
@@ -221,8 +260,10 @@ def test_grounded_queries_run_each_tower_once_per_batch(tmp_path) -> None:
         find_spans=phrase_span_finder("ContextTiny"),
     )
     batches = -(-len(split.queries) // 3)
-    assert calls == {"image": batches, "text": batches}
+    # The text tower runs on the captions, then on the phrases alone for the isolated and the tower maps.
+    assert calls == {"image": batches, "text": 3 * batches}
     assert len(result.grounding) == sum(len(query.phrases) for query in split.queries) > 0
+    assert all(set(phrase.maps) == {"context", "isolated", "tower"} for phrase in result.grounding)
 
 
 def test_eval_benchmark_times_grounding_beside_plain_encoding(tmp_path) -> None:

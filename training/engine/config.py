@@ -54,7 +54,7 @@ class OptimConfig:
     """Multiplier of `lr` and `min_lr` for the image and text towers' parameters (the schedule scales the result)."""
     head_lr_mult: float = 1.0
     """Multiplier of `lr` and `min_lr` for every parameter outside the towers: fusion head, pooler, projection and
-    a learned temperature. The logged `lr` is this group's."""
+    a learned temperature. The logged `lr` is the first group's, this one whenever the head trains."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
