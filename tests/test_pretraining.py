@@ -141,7 +141,7 @@ def test_the_objective_trains_only_the_towers_and_pulls_maps_into_boxes(bench: P
         assert all(p.grad is None for n, p in objective.named_parameters() if not n.startswith("model.backbone."))
         optimizer.step()
         first = first if first is not None else {name: float(value.detach()) for name, value in outputs.items()}
-    assert {"description_loss", "region_loss", "map_loss"} <= outputs.keys()
+    assert {"description_loss", "region_loss", "map_loss", "phrase_image_loss"} <= outputs.keys()
     assert float(outputs["pretrain/map_raw"]) < first["pretrain/map_raw"]
     assert float(outputs["description_loss"]) < first["description_loss"]
 

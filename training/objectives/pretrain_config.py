@@ -20,6 +20,10 @@ class PretrainConfig:
     map_weight: float = 1.0
     """Weight of the phrase-map term: each phrase's similarity map over the patches, as a softmax, should put its
     mass inside the phrase's box (cross-entropy against a uniform in-box target)."""
+    phrase_image_weight: float = 1.0
+    """Weight of the phrase -> image term: a phrase alone should retrieve the images of the micro-batch that contain
+    it (every image with the same phrase is a positive). It gives single concepts a global embedding, which the
+    zero-shot image + text baseline and the methods built on CLIP's joint space rely on."""
     map_temperature: float = 0.1
     """Softmax temperature of the phrase-map term."""
     towers_out: str | None = None
@@ -28,5 +32,5 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.map_temperature <= 0:
             raise ValueError("pretrain.temperature and pretrain.map_temperature must be positive")
-        if self.region_weight < 0 or self.map_weight < 0:
-            raise ValueError("pretrain.region_weight and pretrain.map_weight must be >= 0")
+        if min(self.region_weight, self.map_weight, self.phrase_image_weight) < 0:
+            raise ValueError("pretrain.region_weight, pretrain.map_weight and pretrain.phrase_image_weight must be >= 0")

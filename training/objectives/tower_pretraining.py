@@ -9,6 +9,8 @@ name (`np_boxes`, NaN where unknown). Three terms, each a key ending in `_loss`:
   mean of its in-box patch tokens, each passed through `ln_post` and the image projection (the towers' dense
   features). Phrases with the same text are all positives of a region, so "the top left" of two images is never a
   negative of itself;
+- `phrase_image_loss`: a phrase alone against the micro-batch's image embeddings; every image holding a phrase with
+  the same text is a positive, so "a small red circle" retrieves the images with a small red circle;
 - `map_loss`: each phrase's cosine map over the dense features, as a softmax over the patches, is pulled toward a
   uniform distribution over its in-box patches (cross-entropy). This is what makes a phrase encoded alone point at
   its region, the grounding Text-CC later transfers into the fused context.
@@ -62,7 +64,7 @@ def patches_in_boxes(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
 
 
 class TowerPretrainObjective(nn.Module):
-    """L = L_description + region_weight * L_region + map_weight * L_map over one micro-batch."""
+    """L = L_description + region_weight * L_region + phrase_image_weight * L_phrase_image + map_weight * L_map."""
 
     def __init__(self, model_config: ModelConfig, config: PretrainConfig, model: ConTextCIR | None = None) -> None:
         super().__init__()
@@ -82,12 +84,20 @@ class TowerPretrainObjective(nn.Module):
         terms = self.description(F.normalize(text_embedding, dim=-1), F.normalize(image_embedding, dim=-1))
         result = {"description_loss": terms["loss"], "pretrain/description_accuracy": terms["accuracy"]}
         boxes = batch.get("np_boxes")
-        if boxes is None or (self.config.region_weight == 0 and self.config.map_weight == 0):
+        if boxes is None:
             return result
         grounded = batch["np_mask"] & torch.isfinite(boxes).all(dim=-1)  # (B, N)
         if not bool(grounded.any()):  # the same keys on every rank: the loop sums them in one collective
             zero = dense.sum() * 0.0
-            names = ("region_loss", "map_loss", "pretrain/region_raw", "pretrain/map_raw", "pretrain/pointing")
+            names = (
+                "region_loss",
+                "map_loss",
+                "phrase_image_loss",
+                "pretrain/region_raw",
+                "pretrain/map_raw",
+                "pretrain/phrase_image_raw",
+                "pretrain/pointing",
+            )
             return {**result, **{name: zero for name in names}, "pretrain/phrases": zero.detach()}
         rows = grounded.nonzero()[:, 0]
         phrase_ids = batch["np_ids"][grounded]  # (M, np_length), each NP tokenized alone
@@ -102,13 +112,19 @@ class TowerPretrainObjective(nn.Module):
         targets = same_text / same_text.sum(dim=1, keepdim=True)
         logits = regions @ phrases.T / self.config.temperature
         region_loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        present = (phrase_ids[:, None, None, :] == batch["np_ids"][None]).all(dim=-1) & batch["np_mask"][None]
+        holds = present.any(dim=-1).float()  # (M, B): image b has a phrase with phrase m's text
+        image_logits = phrases @ F.normalize(image_embedding, dim=-1).T / self.config.temperature
+        phrase_image_loss = F.cross_entropy(image_logits, holds / holds.sum(dim=1, keepdim=True))
         pointing = similarity.argmax(dim=1)
         hits = inside.gather(1, pointing[:, None]).squeeze(1) > 0
         return {
             **result,
             "region_loss": self.config.region_weight * region_loss,
             "map_loss": self.config.map_weight * map_loss,
+            "phrase_image_loss": self.config.phrase_image_weight * phrase_image_loss,
             "pretrain/region_raw": region_loss.detach(),
+            "pretrain/phrase_image_raw": phrase_image_loss.detach(),
             "pretrain/map_raw": map_loss.detach(),
             "pretrain/pointing": hits.float().mean().detach(),
             "pretrain/phrases": grounded.sum().float(),
