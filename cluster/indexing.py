@@ -1,6 +1,6 @@
 """Gallery embedding on Ray Data: encoder actors (one GPU each when the cluster has GPUs) encode fixed chunks.
 
-The build itself (shards, resume, the faiss index) is `training.retrieval.gallery_index.build_index`; this module only
+The build itself (shards, resume, the faiss index) is `training.retrieval.gallery_build.build_index`; this module only
 supplies its `ChunkEncoder`. Each Ray Data row is one chunk of at most `index.batch_size` images, mapped by an
 actor that loads the bundle once and calls `encode_chunk`, exactly what a single-process build calls, so both
 give the same embeddings bit for bit. Rows come back in input order (`preserve_order`).

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
     logging.basicConfig(level=logging.ERROR)
     from training.retrieval.bundle import BundleError, load_bundle, verify_bundle
-    from training.retrieval.gallery_index import GalleryIndexError, build_index, list_images
+    from training.retrieval.gallery_build import build_index
+    from training.retrieval.gallery_index import GalleryIndexError, list_images
     from training.retrieval.queries import benchmark_gallery, read_benchmark_split
 
     try:

@@ -16,7 +16,7 @@ from cluster.root_config import load_config
 from shards.model_inputs import eval_transform, tokenizer
 from training.evaluation.benchmarks.synthetic import read_synthetic
 from training.evaluation.grounding import MAP_KINDS, MEASURES, PHRASE_SPLITS, metric_name, score_map, split_of
-from training.evaluation.methods import METHODS
+from training.evaluation.methods import METHODS, QueryBatch
 from training.evaluation.phrase_maps import TOWER_MAP_TEMPERATURE
 from training.evaluation.spans import phrase_span_finder
 from training.evaluation.submissions import validate_circo_submission, validate_cirr_submission
@@ -221,6 +221,24 @@ def test_grounding_maps_are_the_models_and_the_towers_own(tmp_path) -> None:
     # The maps differ from one another: the isolated and tower maps are not the in-context one relabelled.
     present = [phrase.maps for phrase in found if split_of(phrase.kind) == "present"]
     assert len({round(maps[kind].box_share, 6) for maps in present for kind in MAP_KINDS}) > 1
+
+
+def test_reference_patches_without_the_query_pass_states_run_the_tower_again(caplog) -> None:
+    """Should the query pass not expose its states, grounding gets the same patch tokens from a second tower pass."""
+    from training.evaluation.phrase_maps import QueryPassStates, query_pass_states, reference_patches
+
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY).model).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        batch = QueryBatch(model, pixels, tokenizer("ContextTiny")(["a red circle", "the top left"]))
+        with query_pass_states(model) as states:
+            batch.views  # noqa: B018 (the query pass, recorded)
+        shared = reference_patches(model, states, pixels)
+        again = reference_patches(model, QueryPassStates(), pixels)
+    assert "runs the image tower again" in caplog.text
+    for first, second in zip(shared, again):
+        assert first.shape == (2, 64, 64) and torch.allclose(first, second, atol=1e-6)
 
 
 def test_a_checkpoint_saved_with_older_eval_keys_still_loads(tmp_path) -> None:

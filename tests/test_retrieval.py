@@ -17,13 +17,13 @@ from eval_fixtures import write_checkpoint, write_image, write_synthetic
 from cluster.root_config import load_config
 from training.retrieval.bundle import BundleError, export_bundle, load_bundle
 from training.retrieval.config import IndexConfig
+from training.retrieval.gallery_build import build_index
 from training.retrieval.gallery_index import (
     MANIFEST,
     SHARDS,
     BundleMismatch,
     GalleryIndex,
     GalleryIndexError,
-    build_index,
     list_images,
     local_encoder,
 )

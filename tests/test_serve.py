@@ -83,7 +83,8 @@ class Inputs:
 def inputs(tmp_path_factory) -> Inputs:
     from training.retrieval.bundle import load_bundle
     from training.retrieval.config import IndexConfig
-    from training.retrieval.gallery_index import build_index, list_images, local_encoder
+    from training.retrieval.gallery_build import build_index
+    from training.retrieval.gallery_index import list_images, local_encoder
 
     root = tmp_path_factory.mktemp("serve_inputs")
     for number in range(GALLERY):
