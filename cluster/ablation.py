@@ -42,6 +42,7 @@ class Cell:
             f"loss.lambda_cc={self.lambda_cc}",
             f"train.seed={self.seed}",
             f"train.steps={steps}",
+            f"optim.restart_every={steps}",  # one cosine cycle: every cell ends at optim.min_lr
             f"checkpoint.every_steps={steps}",
             "checkpoint.keep=1",
             f"cluster.run_name={self.run_name}",

@@ -225,8 +225,10 @@ def test_grounding_maps_are_the_models_and_the_towers_own(tmp_path) -> None:
 
 def test_reference_patches_without_the_query_pass_states_run_the_tower_again(caplog) -> None:
     """Should the query pass not expose its states, grounding gets the same patch tokens from a second tower pass."""
+    from training.evaluation import phrase_maps
     from training.evaluation.phrase_maps import QueryPassStates, query_pass_states, reference_patches
 
+    phrase_maps._warn_second_image_pass.cache_clear()  # it warns once per process
     torch.manual_seed(0)
     model = build_model(load_config(TINY).model).eval()
     pixels = torch.randn(2, 3, 64, 64)
