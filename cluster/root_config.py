@@ -58,6 +58,8 @@ class RootConfig:
 
     def __post_init__(self) -> None:
         self.train.geometry(self.cluster.num_workers)  # the global batch must split evenly
+        if self.train.objective == "towers" and self.model.freeze == "both":
+            raise ValueError("train.objective=towers trains only the towers, but model.freeze=both freezes them both")
 
     @property
     def world_size(self) -> int:

@@ -2,8 +2,9 @@
 
 `pretrained_towers(config)` returns the open_clip weights file of a `train.objective: towers` config:
 
-1. The digest covers the shard set's `index.json` (every shard's sha256) and the resolved config without the
-   sections that do not change the weights (cluster placement, eval, index, serve, the output path).
+1. The digest covers the shard set's `index.json` (every shard's sha256) and the resolved config without what does
+   not change the weights (the cluster section but its worker count and GPU use, eval, index, serve, the output
+   path).
 2. A cached file for that digest under `<storage>/towers/` is reused as it is.
 3. Otherwise the run `<run_name>-<digest[:12]>` trains on Ray + DeepSpeed (resuming if it was interrupted), and the
    towers of its final checkpoint are written as open_clip's own state dict to the cache, by atomic rename.
@@ -54,9 +55,10 @@ def towers_digest(config: RootConfig) -> str:
     kept = "\n".join(
         block for block in _top_level_blocks(text) if block.split(":", 1)[0] not in IRRELEVANT_SECTIONS
     )
+    placement = f"\nworkers: {config.cluster.num_workers}, gpu: {config.cluster.use_gpu}"  # negatives, precision
     digest = hashlib.sha256()
     digest.update(index.read_bytes())
-    digest.update(kept.encode())
+    digest.update((kept + placement).encode())
     return digest.hexdigest()
 
 

@@ -42,15 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         if any(cell.init == "pretrained" for cell in sweep) and not (args.towers and Path(args.towers).is_file()):
             raise ConfigError(f"--towers {args.towers!r} is not a file (run launch/pretrain_towers.py first)")
+        from cluster.ablation import RESULTS, append_result, model_metrics, read_results, table
+        from cluster.root_config import load_config
+
+        results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
+        done = read_results(results_path)
+        other = sorted({line["steps"] for line in done.values()} - {args.steps})
+        if other:
+            raise ConfigError(
+                f"{results_path} holds a sweep of {other} steps, not --steps {args.steps}: move it away or pass "
+                "another cluster.storage_path"
+            )
+        pending = [cell for cell in sweep if cell.run_name not in done]
+        # Every cell's config is checked before anything starts.
+        configs = [load_config(args.config, [*args.overrides, *cell.overrides(args.steps, args.towers)]) for cell in pending]
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
-    from cluster.ablation import RESULTS, append_result, model_metrics, read_results, table
-    from cluster.root_config import load_config
-
-    results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
-    done = read_results(results_path)
-    pending = [cell for cell in sweep if cell.run_name not in done]
     print(f"ablation: {len(sweep)} cells, {len(sweep) - len(pending)} already done; results in {results_path}")
     if pending:
         from cluster.ray_setup import connect
@@ -59,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.trainer import run_training
         from training.evaluation.runner import Evaluator
 
-        for number, cell in enumerate(pending, start=1):
+        for number, (cell, config) in enumerate(zip(pending, configs), start=1):
             started = time.perf_counter()
-            config = load_config(args.config, [*args.overrides, *cell.overrides(args.steps, args.towers)])
             run_dir = run_training(config)
             result = Evaluator(config, ["synthetic"]).evaluate(run_dir / "checkpoints" / "latest")
             metrics = model_metrics(result)

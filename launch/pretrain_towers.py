@@ -6,7 +6,7 @@
 
 The job is the training job with `train.objective: towers`: Ray + DeepSpeed workers, checkpoints, resume. Its towers
 are written to `pretrain.towers_out` as an open_clip weights file, which a ConText config starts from through
-`model.weights_file` (configs/tiny.yaml does). A rerun with the same shards and config reuses the cached file
+`model.weights_file` (`make demo` passes it to configs/tiny.yaml as an override). A rerun with the same shards and config reuses the cached file
 (`<storage>/towers/<backbone>-<digest>.safetensors`) without starting Ray.
 """
 
@@ -32,7 +32,9 @@ def add_arguments(parser) -> None:
 def probe(config, towers: Path, split: str) -> str:
     """One line: the towers' zero-shot retrieval of the split's scene descriptions (synthetic benchmark only)."""
     import dataclasses
+    import logging
 
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the towers start random: the weights follow
     from shards.model_inputs import eval_transform, tokenizer
     from training.evaluation.tower_probe import description_retrieval, read_descriptions
     from training.model.towers import build_backbone
@@ -74,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"towers: {result.path}  ({how}; digest {result.digest[:12]}; {time.perf_counter() - started:.0f} s)")
     print(f"cached: {result.cached}")
     if args.probe_split:
-        print(f"towers on {args.probe_split}: {probe(config, result.path, args.probe_split)}")
+        try:
+            print(f"towers on {args.probe_split}: {probe(config, result.path, args.probe_split)}")
+        except (FileNotFoundError, ValueError) as error:  # not the synthetic benchmark: the towers still stand
+            print(f"towers probe skipped: {error}")
     return 0
 
 

@@ -6,6 +6,7 @@ like any other open_clip model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,17 @@ def tokenizer_name(backbone: str) -> str:
     if isinstance(tok, open_clip.SimpleTokenizer):
         return f"clip-bpe-{len(tok.encoder)}"
     return f"{type(tok).__name__}:{getattr(tok, 'tokenizer_name', backbone)}"
+
+
+def box_in_crop(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    """Map a box in fractions of the original image to fractions of the centre square the eval transform keeps.
+
+    open_clip's eval transform resizes the shortest side and centre-crops a square, so on a non-square image the
+    patch grid covers only the middle of the long side.
+    """
+    side = min(width, height)
+    offset_x, offset_y = (width - side) / 2, (height - side) / 2
+    x0, y0, x1, y1 = box
+    mapped = ((x0 * width - offset_x) / side, (y0 * height - offset_y) / side)
+    mapped += ((x1 * width - offset_x) / side, (y1 * height - offset_y) / side)
+    return tuple(min(max(float(value), 0.0), 1.0) for value in mapped)  # type: ignore[return-value]

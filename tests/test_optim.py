@@ -31,11 +31,11 @@ class _Tower(nn.Module):
 def test_no_decay_on_norms_biases_embeddings_and_seeds():
     model = _Tower()
     groups = {group["name"]: group for group in param_groups(model, 0.01)}
-    assert list(groups) == ["head/decay", "head/no_decay"]  # no module declares another lr group
-    decayed = {id(p) for p in groups["head/decay"]["params"]}
+    assert list(groups) == ["decay", "no_decay"]  # one multiplier: the two groups runs before lr groups resume with
+    decayed = {id(p) for p in groups["decay"]["params"]}
     assert decayed == {id(model.proj), id(model.linear.weight)}
-    assert groups["head/decay"]["weight_decay"] == 0.01 and groups["head/no_decay"]["weight_decay"] == 0.0
-    everything = decayed | {id(p) for p in groups["head/no_decay"]["params"]}
+    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+    everything = decayed | {id(p) for p in groups["no_decay"]["params"]}
     assert everything == {id(p) for p in model.parameters() if p.requires_grad}  # frozen ones left out
 
 

@@ -189,3 +189,25 @@ def test_pretrain_towers_trains_once_then_reuses_the_cache(bench: Path) -> None:
     started = build_model(ModelConfig(backbone="ContextTiny", weights_file=str(out), fusion_layers=1))
     for name, tensor in started.backbone.clip.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_boxes_follow_the_centre_crop_and_old_shards_keep_their_fingerprints() -> None:
+    from dataclasses import replace
+
+    from shards.builder.shard_set import _hashed
+    from shards.builder.writer import SampleSpec
+    from shards.stream.decode import _boxes_in_crop
+
+    boxes = _boxes_in_crop([[0.25, 0.2, 0.75, 0.6], [0.0, 0.0, 0.2, 0.2], None], 3, 4, (200, 100))
+    np.testing.assert_allclose(boxes[0], [0.0, 0.2, 1.0, 0.6], atol=1e-6)
+    assert np.isnan(boxes[1:]).all()  # cropped away, unknown, padding
+    spec = SampleSpec("k", "i", "s", 0, "a red cube", "r", "t", "r.png", "t.png", [("a red cube", 0, 10)])
+    assert "phrase_boxes" not in _hashed(spec)  # the payload shards were fingerprinted with before boxes existed
+    assert _hashed(replace(spec, phrase_boxes={"a red cube": [0, 0, 1, 1]}))["phrase_boxes"]
+
+
+def test_a_towers_job_with_both_towers_frozen_is_refused() -> None:
+    from training.config_loader import ConfigError
+
+    with pytest.raises(ConfigError, match="model.freeze=both freezes them both"):
+        load_config(PRETRAIN, ["model.freeze=both"])

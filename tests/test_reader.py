@@ -236,9 +236,10 @@ def test_batches_follow_the_contract(shard_set):
     assert batch["np_ids"].shape == (BATCH, 3, 8) and batch["np_ids"].dtype == torch.int64
     assert len(batch["keys"]) == len(batch["captions"]) == len(batch["noun_phrases"]) == BATCH
     assert set(batch) == {
-        "reference_image", "target_image", "caption_ids", "np_spans", "np_mask", "np_ids", "keys", "captions",
-        "noun_phrases",
+        "reference_image", "target_image", "caption_ids", "np_spans", "np_mask", "np_ids", "np_boxes", "keys",
+        "captions", "noun_phrases",
     }  # fmt: skip
+    assert batch["np_boxes"].shape == (BATCH, 3, 4) and torch.isnan(batch["np_boxes"]).all()  # no box in these shards
     for row in range(BATCH):
         phrases = batch["noun_phrases"][row]
         assert batch["np_mask"][row].tolist() == [True, True, False]

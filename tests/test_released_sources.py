@@ -159,6 +159,7 @@ def test_fashioniq_training_source_uses_the_benchmark_caption_template(tmp_path)
         (lambda e: e[1].update(captions=["only one"]), r"entry 1: a FashionIQ query has two captions, got 1"),
         (lambda e: e[1].update(captions="is red"), r"entry 1: 'captions' must be a list of two strings"),
         (lambda e: e[1].update(target=12), r"entry 1: 'target' must be a string"),
+        (lambda e: e[1].update(candidate="../../etc/x"), r"entry 1: 'candidate' must be an image name without a dir"),
     ],
 )
 def test_fashioniq_malformed_entry_names_the_file_and_the_entry(tmp_path, edit, message):

@@ -86,6 +86,13 @@ def test_freeze_is_validated():
 # --- per-group learning rates -----------------------------------------------------------------------------------
 
 
+def test_equal_multipliers_keep_the_two_groups_earlier_runs_resume_with():
+    objective = ConTextObjective(TINY, LossConfig())
+    optimizer = build_optimizer(objective, OptimConfig(lr=1e-3, tower_lr_mult=0.5, head_lr_mult=0.5))
+    assert [group["name"] for group in optimizer.param_groups] == ["decay", "no_decay"]
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4, 5e-4])
+
+
 def test_group_lrs_follow_their_multipliers_through_the_schedule():
     torch.manual_seed(0)
     objective = ConTextObjective(TINY, LossConfig(learnable_temperature=True))

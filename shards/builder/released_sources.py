@@ -189,8 +189,7 @@ def read_fashioniq_train(source: SourceConfig) -> list[Triplet]:
         for position, entry in enumerate(entries):
             where = f"{captions_path} entry {position}"
             require(entry, ("candidate", "target", "captions"), where)
-            reference = require_text(entry, "candidate", where)
-            target = require_text(entry, "target", where)
+            reference, target = (_image_name(entry, key, where) for key in ("candidate", "target"))
             captions = entry["captions"]
             if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
                 raise SourceError(f"{where}: 'captions' must be a list of two strings, got {captions!r}")
@@ -210,3 +209,11 @@ def read_fashioniq_train(source: SourceConfig) -> list[Triplet]:
                 )
             )
     return triplets
+
+
+def _image_name(entry: dict, key: str, where: str) -> str:
+    """A FashionIQ image name (`images/<name>.png`): a bare name, never a path out of the dataset."""
+    name = require_text(entry, key, where)
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise SourceError(f"{where}: {key!r} must be an image name without a directory, got {name!r}")
+    return name

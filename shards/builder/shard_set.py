@@ -158,7 +158,7 @@ def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[Shard
                 reference_path=triplet.reference_path,
                 target_path=triplet.target_path,
                 noun_phrases=phrases,
-                phrase_boxes={text: list(box) for text, box in triplet.phrase_boxes},
+                phrase_boxes=_first_boxes(triplet.phrase_boxes),
             )
         )
     random.Random(data.seed).shuffle(specs)
@@ -181,9 +181,26 @@ def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[Shard
             image_short_side=data.image_short_side,
             jpeg_quality=data.jpeg_quality,
         )
-        task.fingerprint = _fingerprint({"settings": settings, "samples": [asdict(spec) for spec in chunk]})
+        task.fingerprint = _fingerprint({"settings": settings, "samples": [_hashed(spec) for spec in chunk]})
         tasks.append(task)
     return tasks, stats
+
+
+def _hashed(spec: SampleSpec) -> dict:
+    """What of a sample the shard fingerprint covers: every field, `phrase_boxes` only when there are any (shards
+    built before sources could carry boxes keep their fingerprints)."""
+    fields = asdict(spec)
+    if not fields["phrase_boxes"]:
+        del fields["phrase_boxes"]
+    return fields
+
+
+def _first_boxes(pairs) -> dict[str, list[float]]:
+    """NP text -> box; the first box of a text wins, as the first occurrence of an NP is the one kept."""
+    boxes: dict[str, list[float]] = {}
+    for text, box in pairs:
+        boxes.setdefault(text, list(box))
+    return boxes
 
 
 def _run(tasks: Sequence[ShardTask], workers: int, total: int, done: int, progress: bool) -> list[ShardResult]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from shards.format import FIELDS, ShardFormatError, decode_tokens, split_member_name
-from shards.model_inputs import eval_transform
+from shards.model_inputs import box_in_crop, eval_transform
 from shards.stream.plan import Piece
 
 logger = logging.getLogger(__name__)
@@ -142,14 +142,31 @@ def _transform(backbone: str):
     return eval_transform(backbone)
 
 
-def _image_tensor(data: bytes, backbone: str, field: str) -> torch.Tensor:
+def _rgb(data: bytes, field: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS) as image:
             image.load()
-            rgb = image.convert("RGB")
+            return image.convert("RGB")
     except Exception as error:
         raise ShardFormatError(f"{field}: not a readable image ({error})") from error
-    return _transform(backbone)(rgb)
+
+
+def _image_tensor(data: bytes, backbone: str, field: str) -> torch.Tensor:
+    return _transform(backbone)(_rgb(data, field))
+
+
+def _boxes_in_crop(raw: list, count: int, max_nps: int, size: tuple[int, int]) -> np.ndarray:
+    """(max_nps, 4) NP boxes in fractions of the centre square the transform keeps; NaN where unknown or cropped away."""
+    boxes = np.full((max_nps, 4), np.nan, dtype=np.float32)
+    for index, box in enumerate(raw[: min(count, max_nps)]):
+        if box is None:
+            continue
+        if not (isinstance(box, list) and len(box) == 4):
+            raise ShardFormatError(f"json: np_boxes[{index}] must be [x0, y0, x1, y1] or null, got {box!r}")
+        x0, y0, x1, y1 = box_in_crop(box, *size)
+        if x1 > x0 and y1 > y0:  # a box wholly outside the crop names nothing the model sees
+            boxes[index] = (x0, y0, x1, y1)
+    return boxes
 
 
 def decode_sample(record: Record, backbone: str, max_nps: int, np_length: int) -> dict[str, Any]:
@@ -164,14 +181,10 @@ def decode_sample(record: Record, backbone: str, max_nps: int, np_length: int) -
     real = int(tokens.np_mask.sum())
     if not isinstance(phrases, list) or len(phrases) < real:
         raise ShardFormatError(f"json: noun_phrases must list one text per span, got {phrases!r} for {real} spans")
-    np_boxes = np.full((max_nps, 4), np.nan, dtype=np.float32)
-    for index, box in enumerate(metadata.get("np_boxes", [])[:real]):
-        if box is not None:
-            if not (isinstance(box, list) and len(box) == 4):
-                raise ShardFormatError(f"json: np_boxes[{index}] must be [x0, y0, x1, y1] or null, got {box!r}")
-            np_boxes[index] = box
+    reference = _rgb(fields["ref.jpg"], "ref.jpg")
+    np_boxes = _boxes_in_crop(metadata.get("np_boxes", []), real, max_nps, reference.size)
     return {
-        "reference_image": _image_tensor(fields["ref.jpg"], backbone, "ref.jpg"),
+        "reference_image": _transform(backbone)(reference),
         "target_image": _image_tensor(fields["tgt.jpg"], backbone, "tgt.jpg"),
         "caption_ids": tokens.caption_ids,
         "np_spans": tokens.np_spans,

@@ -66,10 +66,14 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
     Returns:
         The non-empty groups, `head` groups first, each with `params`, `weight_decay`, `name`, `lr_mult` and
-        (with `lr`) `lr`.
+        (with `lr`) `lr`. When every module group has the same multiplier there are just `decay` and `no_decay`.
     """
     lr_mults = dict(lr_mults or {})
     module_groups = _module_groups(model)
+    if len({float(lr_mults.get(name, 1.0)) for name in {HEAD_GROUP, *module_groups.values()}}) == 1:
+        # One multiplier for everything: the two groups `decay` and `no_decay` of runs started before module groups
+        # existed, so their optimizer state still resumes.
+        module_groups = {}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in model.modules():
@@ -82,10 +86,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     groups = []
     for group_name, decay in sorted(buckets, key=lambda key: (key[0] != HEAD_GROUP, key[0], not key[1])):
         mult = float(lr_mults.get(group_name, 1.0))
+        kind = "decay" if decay else "no_decay"
         group = {
             "params": buckets[group_name, decay],
             "weight_decay": weight_decay if decay else 0.0,
-            "name": f"{group_name}/{'decay' if decay else 'no_decay'}",
+            "name": f"{group_name}/{kind}" if module_groups else kind,
             "lr_mult": mult,
         }
         if lr is not None:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from shards.model_inputs import box_in_crop
 from training.evaluation.benchmarks.base import BenchmarkSplit, GroundedPhrase
 from training.evaluation.grounding import PhraseGrounding, score_maps
 from training.evaluation.methods.base import GalleryBatch, Method, QueryBatch
@@ -120,20 +120,6 @@ def encode_gallery(
             for space, method in encoders.items():
                 outputs[space].append(_normalised(method.encode_gallery(batch)))
     return {space: torch.cat(chunks) if chunks else torch.zeros(0) for space, chunks in outputs.items()}
-
-
-def box_in_crop(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
-    """Map a box in fractions of the original image to fractions of the centre square the eval transform keeps.
-
-    open_clip's eval transform resizes the shortest side and centre-crops a square, so on a non-square image the
-    patch grid covers only the middle of the long side.
-    """
-    side = min(width, height)
-    offset_x, offset_y = (width - side) / 2, (height - side) / 2
-    x0, y0, x1, y1 = box
-    mapped = ((x0 * width - offset_x) / side, (y0 * height - offset_y) / side)
-    mapped += ((x1 * width - offset_x) / side, (y1 * height - offset_y) / side)
-    return tuple(float(np.clip(value, 0.0, 1.0)) for value in mapped)  # type: ignore[return-value]
 
 
 @dataclass

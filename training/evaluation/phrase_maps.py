@@ -158,8 +158,9 @@ def tower_maps(
         ids = trim_padding(np_ids.reshape(batch * count, -1)[rows])
         phrases[rows] = F.normalize(backbone.text_embedding(backbone.encode_text(ids), ids).float(), dim=-1)
     projection = backbone.clip.visual.proj
-    dense = F.normalize((patches @ projection if projection is not None else patches).float(), dim=-1)
     with torch.autocast(patches.device.type, enabled=False):  # bf16 cosines would tie patches that differ
+        patches = patches.float()
+        dense = F.normalize(patches @ projection.float() if projection is not None else patches, dim=-1)
         cosine = torch.einsum("bpd,bnd->bnp", dense, phrases.reshape(batch, count, -1))
         return torch.softmax(cosine / temperature, dim=-1)
 
