@@ -17,8 +17,8 @@ from typing import Any
 
 RESULTS = "results.jsonl"
 MEASURES = {
-    "R@1": ("recall@1", 1.0, 2),
-    "Rs@1": ("recall_subset@1", 1.0, 2),
+    "R@1 %": ("recall@1", 100.0, 1),
+    "Rs@1 %": ("recall_subset@1", 100.0, 1),
     "pointing % (present, in-context)": ("grounding/context/present/pointing", 100.0, 1),
     "AUC (present, in-context)": ("grounding/context/present/auc", 1.0, 3),
     "pointing % (present, isolated)": ("grounding/isolated/present/pointing", 100.0, 1),

@@ -34,17 +34,17 @@ def test_cells_cover_the_grid_and_their_overrides_load() -> None:
 
 def test_results_resume_and_the_table_reports_mean_and_sample_std(tmp_path: Path) -> None:
     path = tmp_path / RESULTS
-    for seed, (recall, pointing) in enumerate([(40.0, 0.5), (42.0, 0.6), (44.0, 0.7)]):
+    for seed, (recall, pointing) in enumerate([(0.40, 0.5), (0.42, 0.6), (0.44, 0.7)]):
         metrics = {"recall@1": recall, "grounding/context/present/pointing": pointing}
         append_result(path, Cell("pretrained", 0.08, seed), 500, metrics)
-    append_result(path, Cell("pretrained", 0.0, 0), 500, {"recall@1": 30.0})
+    append_result(path, Cell("pretrained", 0.0, 0), 500, {"recall@1": 0.30})
     done = read_results(path)
     assert set(done) == {f"ablation-pretrained-lambda0.08-seed{s}" for s in range(3)} | {
         "ablation-pretrained-lambda0-seed0"
     }
     rows = table(done).splitlines()
-    assert rows[0].startswith("| towers | lambda | seeds | R@1 |")
-    assert rows[2].startswith("| pretrained | 0 | 1 | 30.00 ± nan |") and "n/a" in rows[2]
-    assert rows[3].startswith("| pretrained | 0.08 | 3 | 42.00 ± 2.00 |") and "| 60.0 ± 10.0 |" in rows[3]
+    assert rows[0].startswith("| towers | lambda | seeds | R@1 % |")
+    assert rows[2].startswith("| pretrained | 0 | 1 | 30.0 ± nan |") and "n/a" in rows[2]
+    assert rows[3].startswith("| pretrained | 0.08 | 3 | 42.0 ± 2.0 |") and "| 60.0 ± 10.0 |" in rows[3]
     mean, std = mean_std([1.0])
     assert mean == 1.0 and math.isnan(std)
