@@ -12,7 +12,7 @@ from tests.cc_oracle import make_batch, reference_cc_loss
 from training.model.config import ModelConfig
 from training.model.context_cir import build_model
 from training.model.fusion import ConceptColumns, TextKeys
-from training.objectives.concept_consistency import concept_consistency_loss
+from training.objectives.concept_consistency import concept_consistency_loss, concept_consistency_parts
 from training.objectives.config import LossConfig
 from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
@@ -117,6 +117,32 @@ def test_objective_reports_weighted_and_raw_cc():
     assert outputs["cc/raw"].item() > 0
     torch.testing.assert_close(outputs["cc_loss"], 0.08 * outputs["cc/raw"])
     assert outputs["cc/nps"].item() == 9
+    assert {"cc/ctx_level", "cc/iso_level", "cc/shape_gap", "cc/below"} <= set(outputs)
+    assert 0.0 <= outputs["cc/below"].item() <= 1.0
+
+
+def test_cc_parts_separate_a_level_offset_from_a_shape_difference():
+    """A map lowered uniformly differs only in level (every active patch below); a moved peak only in shape."""
+    target = torch.full((1, 2, 16), 0.1)
+    target[0, :, 3] = 0.5
+    np_mask = torch.tensor([[True, False]])
+    lowered = target - 0.06
+    parts = concept_consistency_parts(lowered, target, np_mask, epsilon=0.01)
+    torch.testing.assert_close(parts["cc/iso_level"], target[0, 0].mean())
+    torch.testing.assert_close(parts["cc/ctx_level"], target[0, 0].mean() - 0.06)
+    torch.testing.assert_close(parts["cc/shape_gap"], torch.tensor(0.0))
+    assert parts["cc/below"].item() == 1.0
+    moved = target.clone()
+    moved[0, :, 3], moved[0, :, 9] = 0.1, 0.5
+    parts = concept_consistency_parts(moved, target, np_mask, epsilon=0.01)
+    torch.testing.assert_close(parts["cc/ctx_level"], parts["cc/iso_level"])
+    torch.testing.assert_close(parts["cc/shape_gap"], torch.tensor(0.8 / 16))
+    assert parts["cc/below"].item() == 0.5  # patch 3 below its target, patch 9 above
+    padded = target.clone()
+    padded[0, 1] = 9.0  # a padding NP row never counts
+    torch.testing.assert_close(
+        concept_consistency_parts(lowered, padded, np_mask, 0.01)["cc/shape_gap"], torch.tensor(0.0)
+    )
 
 
 def test_bf16_autocast_forward_matches_fp32_loosely():

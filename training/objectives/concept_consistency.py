@@ -23,3 +23,34 @@ def concept_consistency_loss(
     gap = F.relu((in_context.float() - isolated.detach().float()).abs() - epsilon).mean(dim=-1)
     weights = np_mask.to(gap.dtype)
     return (gap * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def concept_consistency_parts(
+    in_context: torch.Tensor, isolated: torch.Tensor, np_mask: torch.Tensor, epsilon: float
+) -> dict[str, torch.Tensor]:
+    """What the Text-CC gap is made of, for the logs (no gradient). Each value is a mean over real NPs.
+
+    - `cc/ctx_level`, `cc/iso_level`: the mean over patches of the in-context and of the isolated map. A map is the
+      attention a patch pays to the phrase's tokens, so a phrase read alone (few tokens to share the attention)
+      sits higher than the same phrase inside its caption whatever the image shows.
+    - `cc/shape_gap`: the mean over patches of |(ctx - its mean) - (iso - its mean)|, the part of the gap that says
+      where the object is.
+    - `cc/below`: of the (phrase, patch) pairs the loss acts on (|ctx - iso| > epsilon), the share with ctx < iso.
+      The L1 gradient is sign(ctx - iso) on those patches, so at 1.0 it raises every patch alike: the loss then
+      lifts the phrase's attention overall and carries nothing about where the object is.
+    """
+    context, target = in_context.float(), isolated.float()
+    weights = np_mask.to(context.dtype)
+    count = weights.sum().clamp(min=1.0)
+    context_level, target_level = context.mean(dim=-1), target.mean(dim=-1)
+    shape = ((context - context_level[..., None]) - (target - target_level[..., None])).abs().mean(dim=-1)
+    difference = context - target
+    active = (difference.abs() > epsilon) & np_mask[..., None]
+    below = (active & (difference < 0)).sum() / active.sum().clamp(min=1)
+    return {
+        "cc/ctx_level": (context_level * weights).sum() / count,
+        "cc/iso_level": (target_level * weights).sum() / count,
+        "cc/shape_gap": (shape * weights).sum() / count,
+        "cc/below": below.to(context.dtype),
+    }

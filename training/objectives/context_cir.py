@@ -2,7 +2,8 @@
 
 `forward(batch)` returns a flat dict of tensors. Keys ending in `_loss` are summed by the loop into the loss it
 backpropagates: `contrastive_loss` and `cc_loss` (already multiplied by `loss.lambda_cc`). Everything else is
-logged: `cc/raw` (the unweighted Text-CC loss), `cc/nps`, `contrastive/accuracy` and the contrastive directions.
+logged: `cc/raw` (the unweighted Text-CC loss), `cc/nps`, what the gap is made of (`cc/ctx_level`, `cc/iso_level`,
+`cc/shape_gap`, `cc/below`: see `concept_consistency_parts`), `contrastive/accuracy` and the contrastive directions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from training.model.config import ModelConfig
 from training.model.context_cir import ConTextCIR, build_model
-from training.objectives.concept_consistency import concept_consistency_loss
+from training.objectives.concept_consistency import concept_consistency_loss, concept_consistency_parts
 from training.objectives.config import LossConfig
 from training.objectives.contrastive import ContrastiveLoss
 
@@ -52,4 +53,9 @@ class ConTextObjective(nn.Module):
             result["cc_loss"] = self.lambda_cc * raw
             result["cc/raw"] = raw.detach()
             result["cc/nps"] = batch["np_mask"].sum().float()
+            result.update(
+                concept_consistency_parts(
+                    outputs["fused/np_maps"], outputs["fused/np_maps_isolated"], batch["np_mask"], self.cc_epsilon
+                )
+            )
         return result
