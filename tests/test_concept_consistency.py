@@ -12,7 +12,11 @@ from tests.cc_oracle import make_batch, reference_cc_loss
 from training.model.config import ModelConfig
 from training.model.context_cir import build_model
 from training.model.fusion import ConceptColumns, TextKeys
-from training.objectives.concept_consistency import concept_consistency_loss, concept_consistency_parts
+from training.objectives.concept_consistency import (
+    concept_consistency_loss,
+    concept_consistency_parts,
+    relative_maps,
+)
 from training.objectives.config import LossConfig
 from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
@@ -143,6 +147,32 @@ def test_cc_parts_separate_a_level_offset_from_a_shape_difference():
     torch.testing.assert_close(
         concept_consistency_parts(lowered, padded, np_mask, 0.01)["cc/shape_gap"], torch.tensor(0.0)
     )
+
+
+def test_relative_maps_compare_where_the_attention_goes_not_how_much():
+    """`loss.cc_maps=relative` ignores a uniform level offset that the paper's loss pays for on every patch."""
+    isolated = torch.rand(2, 3, 16) + 0.1
+    np_mask = torch.tensor([[True, True, False], [True, False, False]])
+    lowered = 0.3 * isolated
+    assert concept_consistency_loss(lowered, isolated, np_mask, 0.05).item() > 0.05
+    relative = concept_consistency_loss(relative_maps(lowered), relative_maps(isolated), np_mask, 0.0)
+    torch.testing.assert_close(relative, torch.tensor(0.0))
+    moved = isolated.roll(1, dims=-1)
+    assert concept_consistency_loss(relative_maps(moved), relative_maps(isolated), np_mask, 0.0).item() > 0.05
+    torch.testing.assert_close(relative_maps(isolated).mean(dim=-1), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="loss.cc_maps"):
+        LossConfig(cc_maps="normalised")
+
+
+def test_objective_with_relative_maps_logs_maps_of_mean_one():
+    torch.manual_seed(0)
+    model_config = ModelConfig(backbone="ContextTiny", fusion_layers=2, fusion_heads=4)
+    batch = make_batch([10, 20, 30], [1, 3, 5])
+    outputs = ConTextObjective(model_config, LossConfig(cc_maps="relative", cc_epsilon=0.0))(batch)
+    torch.testing.assert_close(outputs["cc/ctx_level"], torch.tensor(1.0))
+    torch.testing.assert_close(outputs["cc/iso_level"], torch.tensor(1.0))
+    assert outputs["cc/raw"].item() > 0
+    outputs["cc_loss"].backward()
 
 
 def test_bf16_autocast_forward_matches_fp32_loosely():

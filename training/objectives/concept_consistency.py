@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+def relative_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B, N, P) maps divided by their mean over patches (each then averages 1; an all-zero padding row stays 0)."""
+    return maps / maps.mean(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
 def concept_consistency_loss(
     in_context: torch.Tensor, isolated: torch.Tensor, np_mask: torch.Tensor, epsilon: float
 ) -> torch.Tensor:

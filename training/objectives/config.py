@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CC_MAPS = ("attention", "relative")
+
 
 @dataclass
 class LossConfig:
@@ -18,6 +20,11 @@ class LossConfig:
     """Weight of the Text-CC loss in the total."""
     cc_epsilon: float = 0.05
     """Slack of the Text-CC loss: ReLU(|ctx - iso| - epsilon)."""
+    cc_maps: str = "attention"
+    """What Text-CC compares. `attention` (the paper and its released code): the maps as they are, the attention a
+    patch pays to the phrase's tokens. `relative` (a diagnostic departure, not the paper's loss): each map divided by
+    its mean over patches, so that only where the attention goes is compared and not how much of it the phrase gets
+    (a phrase read alone always gets more; see `concept_consistency_parts`). Epsilon is then a share of the mean."""
     reference_negatives: bool = True
     """Score queries against the gathered reference images too (hard negatives, never positives)."""
     symmetric: bool = True
@@ -31,5 +38,7 @@ class LossConfig:
                 f"loss.temperature={self.temperature} must lie in [0.01, 1] with loss.learnable_temperature "
                 "(its learned scale 1/temperature is clamped to [1, 100])"
             )
+        if self.cc_maps not in CC_MAPS:
+            raise ValueError(f"loss.cc_maps={self.cc_maps!r} must be one of {', '.join(CC_MAPS)}")
         if self.lambda_cc < 0 or self.cc_epsilon < 0:
             raise ValueError("loss.lambda_cc and loss.cc_epsilon must be >= 0")

@@ -15,7 +15,11 @@ from torch import nn
 
 from training.model.config import ModelConfig
 from training.model.context_cir import ConTextCIR, build_model
-from training.objectives.concept_consistency import concept_consistency_loss, concept_consistency_parts
+from training.objectives.concept_consistency import (
+    concept_consistency_loss,
+    concept_consistency_parts,
+    relative_maps,
+)
 from training.objectives.config import LossConfig
 from training.objectives.contrastive import ContrastiveLoss
 
@@ -34,6 +38,7 @@ class ConTextObjective(nn.Module):
         )
         self.lambda_cc = loss_config.lambda_cc
         self.cc_epsilon = loss_config.cc_epsilon
+        self.cc_relative = loss_config.cc_maps == "relative"
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Losses and metrics of a reader batch (see CONVENTIONS' batch dict); extra keys are ignored."""
@@ -47,15 +52,12 @@ class ConTextObjective(nn.Module):
             **{f"contrastive/{name}": value for name, value in contrastive.items()},
         }
         if "fused/np_maps" in outputs:
-            raw = concept_consistency_loss(
-                outputs["fused/np_maps"], outputs["fused/np_maps_isolated"], batch["np_mask"], self.cc_epsilon
-            )
+            in_context, isolated = outputs["fused/np_maps"], outputs["fused/np_maps_isolated"]
+            if self.cc_relative:
+                in_context, isolated = relative_maps(in_context.float()), relative_maps(isolated.float())
+            raw = concept_consistency_loss(in_context, isolated, batch["np_mask"], self.cc_epsilon)
             result["cc_loss"] = self.lambda_cc * raw
             result["cc/raw"] = raw.detach()
             result["cc/nps"] = batch["np_mask"].sum().float()
-            result.update(
-                concept_consistency_parts(
-                    outputs["fused/np_maps"], outputs["fused/np_maps_isolated"], batch["np_mask"], self.cc_epsilon
-                )
-            )
+            result.update(concept_consistency_parts(in_context, isolated, batch["np_mask"], self.cc_epsilon))
         return result
