@@ -63,6 +63,8 @@ class SourceConfig:
             raise ValueError(
                 f"{key}.caption_mode and caption_joiner apply to cirr_r sources only (this one is {self.kind!r})"
             )
+        if self.image_root and self.kind not in ("lasco", "cirr_r"):
+            raise ValueError(f"{key}.image_root applies to lasco and cirr_r sources only (this one is {self.kind!r})")
         if not self.caption_joiner:
             raise ValueError(f"{key}.caption_joiner must not be empty")
         if self.kind != "fashioniq" and list(self.categories) != list(FASHIONIQ_CATEGORIES):

@@ -178,6 +178,7 @@ def test_fashioniq_malformed_entry_names_the_file_and_the_entry(tmp_path, edit, 
         ({"kind": "fashioniq", "categories": ["dress", "skirt"]}, r"categories=\['dress', 'skirt'\] must be"),
         ({"kind": "fashioniq", "categories": []}, r"categories=\[\] must be distinct"),
         ({"kind": "cirr", "categories": ["dress"]}, r"categories applies to fashioniq sources only"),
+        ({"kind": "hotel_cir", "image_root": "/coco"}, r"image_root applies to lasco and cirr_r sources only"),
         ({"kind": "hotel"}, r"kind='hotel' must be one of .*'cirr_r', 'hotel_cir', 'fashioniq'"),
     ],
 )
