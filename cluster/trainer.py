@@ -1,6 +1,7 @@
 """The Ray Train `TorchTrainer` that runs `training.trainer.worker.train_worker` on `cluster.num_workers` ranks.
 
-Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before calling the worker. On a worker failure Ray
+Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before calling the worker, with rank 0's rendezvous store
+listening on MASTER_ADDR only (`StoreOnMasterAddr`). On a worker failure Ray
 restarts the whole group up to `cluster.max_failures` times; each restarted worker resumes from the run's latest
 complete checkpoint on the shared storage, so Ray itself never holds training state (nothing is reported to it).
 """
@@ -13,10 +14,33 @@ from pathlib import Path
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 
+from cluster.rendezvous import bind_store_to_master_addr
 from cluster.root_config import RootConfig
 
 logger = logging.getLogger(__name__)
+
+
+class _StoreOnMasterAddrBackend(_TorchBackend):
+    """Ray's torch backend, each worker first told to serve rank 0's store on MASTER_ADDR only."""
+
+    def on_start(self, worker_group, backend_config) -> None:
+        worker_group.execute(bind_store_to_master_addr)
+        super().on_start(worker_group, backend_config)
+
+
+class StoreOnMasterAddr(TorchConfig):
+    """`TorchConfig` whose process-group setup binds rank 0's rendezvous store to MASTER_ADDR (cluster/rendezvous.py).
+
+    Ray's own setup leaves it listening on every interface. MASTER_ADDR is the address Ray picked for rank 0's node:
+    127.0.0.1 on a local run, the node's cluster address otherwise.
+    """
+
+    @property
+    def backend_cls(self):
+        return _StoreOnMasterAddrBackend
+
 
 # Forwarded from the driver's environment to every worker when set.
 FORWARDED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "OMP_NUM_THREADS")
@@ -68,7 +92,7 @@ def build_trainer(config: RootConfig) -> TorchTrainer:
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             worker_runtime_env={"env_vars": env_vars},
         ),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=StoreOnMasterAddr(backend="nccl" if cluster.use_gpu else "gloo"),
     )
 
 

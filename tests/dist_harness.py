@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def listening_hosts(pid: int, port: int | None = None) -> list[str]:
+    """The local addresses process `pid` listens on (only those on `port` when given), from `ss -ltnp`."""
+    output = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    hosts = []
+    for line in output.splitlines():
+        host, _, listening_port = line.split()[3].rpartition(":")
+        if f"pid={pid}," in line and (port is None or int(listening_port) == port):
+            hosts.append(host.split("%")[0])
+    return hosts
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "[::1]" or host.startswith("[::ffff:127.")
 
 
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
@@ -43,6 +59,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     import torch
     import torch.distributed as dist
 
+    from cluster.rendezvous import bind_store_to_master_addr
+
+    bind_store_to_master_addr()  # as Ray Train workers do: rank 0's store on 127.0.0.1 only
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dist_harness import free_port
+from dist_harness import free_port, is_loopback, listening_hosts
 from shard_fixtures import write_shard_set
 
 from training.checkpoint import layout
@@ -212,13 +212,17 @@ def test_worker_killed_mid_run_restarts_from_the_latest_complete_checkpoint(ray_
         while not (read_metrics(run_dir).keys() & {3, 4, 5}):  # step 3 logged: the step-2 checkpoint is complete
             assert job.poll() is None and time.monotonic() < deadline, "the job ended before step 3 was logged"
             time.sleep(0.02)
-        os.kill(start_events(run_dir)[0]["pid"], signal.SIGKILL)  # rank 0 of the first attempt
+        rank0 = start_events(run_dir)[0]["pid"]
+        # Every socket rank 0 listens on (Ray's worker, the rendezvous store, gloo) is on loopback.
+        exposed = [host for host in listening_hosts(rank0) if not is_loopback(host)]
+        os.kill(rank0, signal.SIGKILL)  # rank 0 of the first attempt
         resumable = layout.latest_complete(run_dir)[0]  # nothing publishes a checkpoint once rank 0 is dead
         assert job.wait(timeout=480) == 0, (workspace / "faulty_submit.log").read_text()[-4000:]
     finally:
         if job.poll() is None:
             job.kill()
         log.close()
+    assert not exposed, f"rank 0 listened beyond loopback on {exposed}"
     assert resumable in (2, 4)  # killed after the step-2 checkpoint, before the run's last one
     assert starts(run_dir) == [0, resumable]  # one restart, from the latest complete checkpoint
     assert layout.latest_complete(run_dir)[0] == STEPS
