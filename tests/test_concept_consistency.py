@@ -13,6 +13,7 @@ from training.model.config import ModelConfig
 from training.model.context_cir import build_model
 from training.model.fusion import ConceptColumns, TextKeys
 from training.objectives.concept_consistency import (
+    attention_budget,
     concept_consistency_loss,
     concept_consistency_parts,
     relative_maps,
@@ -121,7 +122,11 @@ def test_objective_reports_weighted_and_raw_cc():
     assert outputs["cc/raw"].item() > 0
     torch.testing.assert_close(outputs["cc_loss"], 0.08 * outputs["cc/raw"])
     assert outputs["cc/nps"].item() == 9
-    assert {"cc/ctx_level", "cc/iso_level", "cc/shape_gap", "cc/below"} <= set(outputs)
+    assert {"cc/ctx_level", "cc/iso_level", "cc/shape_gap", "cc/below", "cc/ctx_budget", "cc/iso_budget"} <= set(
+        outputs
+    )
+    # The phrases' spans are disjoint, so in context they share one softmax: at most all of a patch's attention.
+    assert 0.0 < outputs["cc/ctx_budget"].item() <= 1.0
     assert 0.0 <= outputs["cc/below"].item() <= 1.0
 
 
@@ -147,6 +152,18 @@ def test_cc_parts_separate_a_level_offset_from_a_shape_difference():
     torch.testing.assert_close(
         concept_consistency_parts(lowered, padded, np_mask, 0.01)["cc/shape_gap"], torch.tensor(0.0)
     )
+
+
+def test_attention_budget_sums_each_captions_phrases():
+    in_context = torch.tensor([[[0.1, 0.3], [0.2, 0.2]], [[0.5, 0.5], [9.0, 9.0]]])  # (2 captions, 2 NPs, 2 patches)
+    isolated = 2 * in_context
+    lengths = torch.tensor([[2, 3], [1, 0]])  # the second caption has one phrase; its padding row never counts
+    budget = attention_budget(in_context, isolated, lengths)
+    first, second = 0.2 * 2 + 0.2 * 3, 0.5 * 1
+    torch.testing.assert_close(budget["cc/ctx_budget"], torch.tensor((first + second) / 2))
+    torch.testing.assert_close(budget["cc/iso_budget"], torch.tensor(first + second))
+    empty = attention_budget(in_context, isolated, torch.zeros(2, 2, dtype=torch.long))
+    torch.testing.assert_close(empty["cc/iso_budget"], torch.tensor(0.0))
 
 
 def test_relative_maps_compare_where_the_attention_goes_not_how_much():

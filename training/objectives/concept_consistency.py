@@ -59,3 +59,28 @@ def concept_consistency_parts(
         "cc/shape_gap": (shape * weights).sum() / count,
         "cc/below": below.to(context.dtype),
     }
+
+
+@torch.no_grad()
+def attention_budget(
+    in_context: torch.Tensor, isolated: torch.Tensor, np_lengths: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How much of a patch's attention a caption's phrases get in context, and how much their isolated maps ask for.
+
+    A map is the mean over a phrase's tokens of the attention a patch pays to each, so map x token count is the
+    phrase's share of that patch's attention. Summed over a caption's phrases and averaged over patches, then over
+    the captions that have a phrase: `cc/ctx_budget` and `cc/iso_budget`. A patch's attention over its caption sums
+    to 1, so an `iso_budget` above 1 is a target the in-context maps cannot all meet.
+
+    Args:
+        in_context, isolated: (B, N, P) maps.
+        np_lengths: (B, N) token count of each phrase, 0 for padding.
+    """
+    lengths = np_lengths.to(torch.float32)
+    captions = (lengths.sum(dim=1) > 0).to(torch.float32)
+    count = captions.sum().clamp(min=1.0)
+
+    def budget(maps: torch.Tensor) -> torch.Tensor:
+        return ((maps.float().mean(dim=-1) * lengths).sum(dim=1) * captions).sum() / count
+
+    return {"cc/ctx_budget": budget(in_context), "cc/iso_budget": budget(isolated)}

@@ -3,7 +3,8 @@
 `forward(batch)` returns a flat dict of tensors. Keys ending in `_loss` are summed by the loop into the loss it
 backpropagates: `contrastive_loss` and `cc_loss` (already multiplied by `loss.lambda_cc`). Everything else is
 logged: `cc/raw` (the unweighted Text-CC loss), `cc/nps`, what the gap is made of (`cc/ctx_level`, `cc/iso_level`,
-`cc/shape_gap`, `cc/below`: see `concept_consistency_parts`), `contrastive/accuracy` and the contrastive directions.
+`cc/shape_gap`, `cc/below`: see `concept_consistency_parts`; `cc/ctx_budget`, `cc/iso_budget`: see
+`attention_budget`), `contrastive/accuracy` and the contrastive directions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from training.model.config import ModelConfig
 from training.model.context_cir import ConTextCIR, build_model
 from training.objectives.concept_consistency import (
+    attention_budget,
     concept_consistency_loss,
     concept_consistency_parts,
     relative_maps,
@@ -53,6 +55,9 @@ class ConTextObjective(nn.Module):
         }
         if "fused/np_maps" in outputs:
             in_context, isolated = outputs["fused/np_maps"], outputs["fused/np_maps_isolated"]
+            spans = batch["np_spans"]
+            lengths = (spans[..., 1] - spans[..., 0]).clamp(min=0) * batch["np_mask"]
+            result.update(attention_budget(in_context, isolated, lengths))
             if self.cc_relative:
                 in_context, isolated = relative_maps(in_context.float()), relative_maps(isolated.float())
             raw = concept_consistency_loss(in_context, isolated, batch["np_mask"], self.cc_epsilon)
