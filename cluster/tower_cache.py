@@ -4,7 +4,7 @@
 
 1. The digest covers the shard set's `index.json` (every shard's sha256) and the resolved config without what does
    not change the weights (the cluster section but its worker count and GPU use, eval, index, serve, the output
-   path).
+   path, and where the data lives: the shards' and sources' paths).
 2. A cached file for that digest under `<storage>/towers/` is reused as it is.
 3. Otherwise the run `<run_name>-<digest[:12]>` trains on Ray + DeepSpeed (resuming if it was interrupted), and the
    towers of its final checkpoint are written as open_clip's own state dict to the cache, by atomic rename.
@@ -50,7 +50,13 @@ def towers_digest(config: RootConfig) -> str:
     index = Path(config.data.shards_dir) / INDEX_NAME
     if not index.is_file():
         raise TowerCacheError(f"no shard index at {index}: run launch/build_shards.py --config <this config> first")
-    relevant = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, towers_out=None))
+    # Where the data lives is no part of it: the shard index above covers what the sources and shards hold, so a
+    # moved checkout or another copy of the same shards finds the same towers.
+    relevant = dataclasses.replace(
+        config,
+        pretrain=dataclasses.replace(config.pretrain, towers_out=None),
+        data=dataclasses.replace(config.data, shards_dir="", sources=[]),
+    )
     text = to_yaml(relevant)
     kept = "\n".join(
         block for block in _top_level_blocks(text) if block.split(":", 1)[0] not in IRRELEVANT_SECTIONS

@@ -146,6 +146,24 @@ def test_the_objective_trains_only_the_towers_and_pulls_maps_into_boxes(bench: P
     assert float(outputs["description_loss"]) < first["description_loss"]
 
 
+def test_towers_digest_follows_data_and_config_not_where_they_live(tmp_path: Path) -> None:
+    from cluster.tower_cache import towers_digest
+
+    first, second = tmp_path / "a" / "shards", tmp_path / "b" / "elsewhere"
+    for directory in (first, second):
+        directory.mkdir(parents=True)
+        (directory / "index.json").write_text('{"shards": [{"name": "shard-000000.tar", "sha256": "00"}]}')
+
+    def digest(shards: Path, *overrides: str) -> str:
+        return towers_digest(load_config("configs/tiny_pretrain.yaml", [f"data.shards_dir={shards}", *overrides]))
+
+    moved = ["data.sources.0.path=/mnt/described/train.jsonl", f"cluster.storage_path={tmp_path}/runs"]
+    assert digest(first) == digest(second) == digest(second, *moved)
+    assert digest(first, "pretrain.temperature=0.05") != digest(first)
+    (second / "index.json").write_text('{"shards": [{"name": "shard-000000.tar", "sha256": "01"}]}')
+    assert digest(second) != digest(first)
+
+
 @pytest.mark.slow
 def test_pretrain_towers_trains_once_then_reuses_the_cache(bench: Path) -> None:
     """The real job (local Ray on 127.0.0.1, 1 DeepSpeed worker) writes open_clip weights; a rerun reuses them."""
