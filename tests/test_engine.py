@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,20 @@ def test_bf16_autocast_reduces_gradients_in_fp32_under_zero(tmp_path):
     assert result == {"tagged": [], "engine": "torch.float32"}
     (halves,) = run_ranks(_reduce_dtypes_rank, 1, ([*overrides, "deepspeed.reduce_dtype=bf16"],))
     assert halves["tagged"] == ["torch.bfloat16"]
+
+
+def test_deepspeed_ops_build_into_the_virtualenv_unless_told_otherwise(monkeypatch, tmp_path):
+    from training.engine.deepspeed_engine import use_venv_extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    use_venv_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "venv" / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/scratch/ops")
+    use_venv_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/scratch/ops"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", "/usr")  # no virtualenv: torch's own default
+    use_venv_extensions_dir()
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +114,14 @@ def _scalars_as_vectors(module: nn.Module) -> Iterator[None]:
                 parameter.data = parameter.data.reshape(())
 
 
+def use_venv_extensions_dir() -> None:
+    """Build DeepSpeed's ops into this interpreter's virtualenv (`<venv>/torch_extensions`) unless
+    `TORCH_EXTENSIONS_DIR` is set: jobs of two checkouts never share, or race on, one half-built op, and `make
+    install` has built them there already. Outside a virtualenv torch's own default stays."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+
+
 def build_engine(module: nn.Module, optim: OptimConfig, deepspeed_json: dict[str, Any]):
     """Wrap `module` (the objective) in a DeepSpeed engine (`deepspeed_config`) with our AdamW and schedule.
 
@@ -121,6 +131,7 @@ def build_engine(module: nn.Module, optim: OptimConfig, deepspeed_json: dict[str
     Returns:
         (engine, optimizer, scheduler): the optimizer is the `SkippableAdamW` DeepSpeed steps.
     """
+    use_venv_extensions_dir()
     import deepspeed
 
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; Ray and torchrun set the real value
