@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"watching {config.run_dir / 'checkpoints'} every {config.eval.poll_seconds:g} s", flush=True)
         watcher.run()
-    except (BenchmarkError, CheckpointError) as error:
-        print(f"eval error: {error}", file=sys.stderr)
-        return 1
+    except (BenchmarkError, CheckpointError) as error:  # always recurs: one line, exit 2, never a traceback
+        print(f"eval error: {' '.join(str(error).split())}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     return 0
 
 

@@ -160,9 +160,25 @@ def test_bad_invocations_exit_before_work(tmp_path, roots, capsys) -> None:
     assert main(["--config", TINY, "--checkpoint", "x", "eval.nope=1"]) == 2
     config = load_config(TINY, overrides)
     partial = write_checkpoint(config.run_dir, 5, config, complete=False)
-    assert main(["--config", TINY, "--checkpoint", str(partial), "--benchmarks", "synthetic", *overrides]) == 1
+    assert main(["--config", TINY, "--checkpoint", str(partial), "--benchmarks", "synthetic", *overrides]) == 2
     assert "no COMPLETE marker" in capsys.readouterr().err
     assert not (config.run_dir / "eval" / "step_00000005.json").exists()
+
+
+def test_unusable_checkpoints_end_in_one_eval_error_line(tmp_path, roots, capsys) -> None:
+    """A truncated weights file and a config with a python tag: exit 2 and one `eval error:` line naming the file."""
+    main = _eval_main()
+    overrides = _overrides(tmp_path, roots)
+    config = load_config(TINY, overrides)
+    truncated = write_checkpoint(config.run_dir, 5, config) / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    tagged = write_checkpoint(config.run_dir, 6, config) / "config.yaml"
+    tagged.write_text("x: !!python/object/apply:os.system [echo]\n" + tagged.read_text())
+    for broken in (truncated, tagged):
+        capsys.readouterr()
+        assert main(["--config", TINY, "--checkpoint", str(broken.parent), "--benchmarks", "synthetic", *overrides]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("eval error:") and str(broken) in err[0], err
 
 
 def test_grounding_maps_are_the_models_and_the_towers_own(tmp_path) -> None:

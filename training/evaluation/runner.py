@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from shards import model_inputs
 from training.checkpoint import layout
@@ -84,6 +85,9 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
 
     Nothing is unpickled. Only the `model` section is read, so checkpoints written before other sections changed
     still evaluate.
+
+    Raises:
+        CheckpointError: a file is missing, the config is unusable, or the weights cannot be loaded into it.
     """
     from training.model.context_cir import rebuild_model
 
@@ -95,7 +99,10 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
         saved = load_section(config_file, "model", ModelConfig)
     except ConfigError as error:
         raise CheckpointError(f"checkpoint config unusable: {error}") from error
-    return rebuild_model(saved, weights_file, device), saved
+    try:
+        return rebuild_model(saved, weights_file, device), saved
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # truncated, corrupt or another network's
+        raise CheckpointError(f"{weights_file}: cannot load the weights ({type(error).__name__}: {error})") from error
 
 
 def _benchmark_entry(
