@@ -135,3 +135,34 @@ def test_device_peaks_tell_sxm_from_pcie_and_take_an_override() -> None:
     assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("NVIDIA L4") == 121e12
     assert peak_bf16_flops("NVIDIA A10G") is None and peak_bf16_flops("Some Future GPU") is None
     assert peak_bf16_flops("NVIDIA H100 PCIe", override_tflops=500) == 500e12
+
+
+def test_a_restarted_attempt_leaves_one_record_per_step(tmp_path):
+    """Steps a crashed attempt logged after the checkpoint are dropped before the new attempt logs them again."""
+    import json
+
+    from training.model.context_cir import build_model
+    from training.monitor.run_monitor import METRICS_FILE
+
+    write_shard_set(tmp_path / "shards", [8])
+    overrides = tiny_overrides(tmp_path, tmp_path / "shards", **{"cluster.num_workers": 1, "train.global_batch": 4})
+    config = load_config(TINY, [*overrides, "logging.image_every=1000"])
+    model = build_model(config.model)
+
+    def attempt(start: int, stop: int, loss: float) -> None:
+        monitor = build_monitor(config, 0, start, model, "cpu")
+        for step in range(start + 1, stop + 1):
+            state = TrainState(step=step, samples_seen=4 * step)
+            monitor.log_step(state, StepResult({"loss": loss}, 1e-3, 0.5, False, "d"), 0.5, 0.1, batches=[{}])
+        monitor.close()
+
+    attempt(0, 5, loss=1.0)  # crashed after step 5; its latest checkpoint was step 3
+    path = tmp_path / "runs" / "test" / METRICS_FILE
+    with path.open("a") as torn:
+        torn.write('{"step": 6, "lo')  # killed mid-write
+    attempt(3, 6, loss=2.0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [record["step"] for record in records if "step" in record]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [record["loss"] for record in records if "step" in record] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    assert [record.get("from_step") for record in records if record.get("event") == "start"] == [0, 3]

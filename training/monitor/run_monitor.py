@@ -3,8 +3,9 @@
 
 `<run_dir>/metrics.jsonl` holds one JSON object per step: step, each loss term, lr, grad_norm, skipped, samples
 and a digest of the sample keys rank 0 consumed (every rank's keys are combined into `data_digest` in each
-checkpoint's train state). A restarted attempt appends a `{"event": "start"}` line (with rank 0's pid) and then
-re-logs the steps after its checkpoint, so readers take the last record of each step (`read_metrics`).
+checkpoint's train state). A restarted attempt first drops the records of the steps after the checkpoint it resumes
+from (an earlier attempt logged them, and it runs them again), then appends a `{"event": "start"}` line (with rank
+0's pid): the file never holds two records of one step.
 """
 
 from __future__ import annotations
@@ -31,15 +32,41 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """The last logged record of every step of a run, keyed by step."""
+    """The logged record of every step of a run, keyed by step (the last one, for files of older versions)."""
     records: dict[int, dict[str, Any]] = {}
     path = Path(run_dir) / METRICS_FILE
     if path.is_file():
         for line in path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written, or torn by a crash
+                continue
             if "step" in record:
                 records[record["step"]] = record
     return records
+
+
+def drop_steps_after(path: Path, step: int) -> int:
+    """Rewrite a metrics file without its records of steps after `step` (events stay), atomically.
+
+    A line torn by a crash mid-write is dropped too. Returns how many lines were dropped.
+    """
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(partial, path)
+    return dropped
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -98,6 +125,14 @@ class Monitor:
             self.writer = SummaryWriter(
                 str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None
             )
+            if (run_dir / METRICS_FILE).is_file():
+                dropped = drop_steps_after(run_dir / METRICS_FILE, start_step)
+                if dropped:
+                    logger.info(
+                        "metrics.jsonl: dropped %d records after step %d (this attempt logs them again)",
+                        dropped,
+                        start_step,
+                    )
             self.metrics = open(run_dir / METRICS_FILE, "a")
             # The pid tells an operator (or a recovery test) which process rank 0 of this attempt is.
             self._append({"event": "start", "from_step": start_step, "pid": os.getpid(), "host": socket.gethostname()})
