@@ -106,3 +106,57 @@ def test_until_step_stops_at_the_first_checkpoint_past_it(tmp_path) -> None:
     )
     assert watcher.run(max_scans=5) == [5, 10, 15]
     assert seen == [5, 10, 15]
+
+
+def test_a_slow_watcher_scores_every_checkpoint_the_trainer_would_prune(tmp_path) -> None:
+    """keep=1, a checkpoint every step, the watcher slower than the trainer: its lease keeps each one until scored."""
+    from training.checkpoint import watch_lease
+    from training.checkpoint.checkpointer import prune
+
+    run_dir = tmp_path / "run"
+    trainer_step = iter(range(1, 9))
+
+    def train_one_checkpoint() -> None:
+        step = next(trainer_step, None)
+        if step is not None:
+            path = layout.checkpoint_dir(run_dir, step)
+            path.mkdir(parents=True)
+            layout.mark_complete(path)
+            prune(run_dir, keep=1)
+
+    seen: list[int] = []
+
+    def evaluate(path: Path) -> None:
+        assert path.is_dir()
+        seen.append(layout.step_of(path))
+        train_one_checkpoint()  # the trainer writes and prunes two checkpoints per evaluation
+        train_one_checkpoint()
+
+    train_one_checkpoint()
+    watcher = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.01, final_step=8, sleep=lambda _: None)
+    watcher.run(max_scans=20)
+    assert seen == list(range(1, 9))
+    assert not watch_lease.lease_path(run_dir).exists()  # released at the end
+    prune(run_dir, keep=1)  # no watcher any more: pruning is back to checkpoint.keep
+    assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [8]
+
+
+def test_prune_honours_only_a_fresh_lease(tmp_path) -> None:
+    from training.checkpoint import watch_lease
+    from training.checkpoint.checkpointer import prune
+
+    run_dir = tmp_path / "run"
+    for step in (5, 10, 15, 20):
+        path = layout.checkpoint_dir(run_dir, step)
+        path.mkdir(parents=True)
+        layout.mark_complete(path)
+    watch_lease.write_lease(run_dir, through=5)
+    prune(run_dir, keep=1)
+    assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [10, 15, 20]  # 5 is scored, the rest not
+    lease = json.loads(watch_lease.lease_path(run_dir).read_text())
+    assert watch_lease.claimed_after(run_dir, now=lease["heartbeat"] + lease["lease_seconds"] + 1) is None
+    watch_lease.write_lease(run_dir, through=5, lease_seconds=0.0)  # a watcher that stopped renewing
+    prune(run_dir, keep=1)
+    assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [20]
+    watch_lease.lease_path(run_dir).write_text("{garbage")
+    assert watch_lease.claimed_after(run_dir) is None

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from training.checkpoint import layout
+from training.checkpoint import layout, watch_lease
 from training.checkpoint.pieces import FilePiece, Stateful
 from training.engine.distributed import all_gather_json, barrier, rank_and_world
 
@@ -124,13 +124,23 @@ class Checkpointer:
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and unfinished ones older than the newest."""
+    """Delete all but the newest `keep` complete checkpoints, and unfinished ones older than the newest.
+
+    A complete checkpoint that a live eval watcher has yet to score stays (`training.checkpoint.watch_lease`).
+    """
     complete = layout.complete_checkpoints(run_dir)
     if not complete:
         return
     newest_step = complete[-1][0]
-    for _, old in complete[:-keep] if keep < len(complete) else []:
+    claimed_after = watch_lease.claimed_after(run_dir)
+    held = []
+    for step, old in complete[:-keep] if keep < len(complete) else []:
+        if claimed_after is not None and step > claimed_after:
+            held.append(step)
+            continue
         shutil.rmtree(old, ignore_errors=True)
+    if held:
+        logger.info("kept checkpoints %s past checkpoint.keep=%d: the eval watcher has not scored them yet", held, keep)
     root = layout.checkpoints_root(run_dir)
     for child in root.iterdir():
         step = layout.step_of(child)

@@ -3,19 +3,21 @@
 The watcher polls `<run>/checkpoints` with `complete_checkpoints` (a checkpoint without its COMPLETE marker is
 invisible to it), evaluates each new one, and records it in `<run>/eval/watch_state.json` (written atomically after
 every evaluation), so a restarted watcher skips what is done. It stops once a checkpoint at or beyond `until_step`
-is scored, or the run's final checkpoint (step == train.steps) is.
+is scored, or the run's final checkpoint (step == train.steps) is. While it runs it holds a lease on the checkpoints it
+has yet to score (`training.checkpoint.watch_lease`, renewed from a thread), so the trainer's pruning keeps them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import layout
+from training.checkpoint import layout, watch_lease
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class CheckpointWatcher:
         state_path: str | Path | None = None,
         already_scored: Callable[[int], bool] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        lease_seconds: float = watch_lease.LEASE_SECONDS,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.evaluate = evaluate
@@ -85,6 +88,14 @@ class CheckpointWatcher:
         self.state = WatchState(state_path or self.run_dir / "eval" / STATE_FILE)
         self.already_scored = already_scored
         self.sleep = sleep
+        self.lease_seconds = lease_seconds
+
+    def _hold_lease(self, stop: threading.Event) -> None:
+        while not stop.wait(self.lease_seconds / 10):
+            try:
+                watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)
+            except OSError as error:  # shared storage hiccup: the next beat retries; a stale lease only prunes
+                logger.warning("could not renew the watch lease: %s", error)
 
     def finished(self) -> bool:
         """True once the stop condition is met by a scored checkpoint."""
@@ -118,6 +129,7 @@ class CheckpointWatcher:
                     continue
                 raise
             self.state.record(step, checkpoint=str(path))
+            watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)  # release it to pruning
             evaluated.append(step)
             if self.on_result is not None:
                 self.on_result(step, result)
@@ -125,16 +137,29 @@ class CheckpointWatcher:
                 break
         return evaluated
 
+    def scored_through(self) -> int:
+        """The newest step done (scored, adopted or given up on); -1 for none."""
+        return max(self.state.done, default=-1)
+
     def run(self, max_scans: int | None = None) -> list[int]:
         """Poll until the stop condition (or `max_scans` scans); returns the steps evaluated by this watcher."""
         evaluated: list[int] = []
         scans = 0
-        while not self.finished():
-            evaluated += self.scan_once()
-            scans += 1
-            if self.finished() or (max_scans is not None and scans >= max_scans):
-                break
-            self.sleep(self.poll_seconds)
+        stop = threading.Event()
+        heartbeat = threading.Thread(target=self._hold_lease, args=(stop,), name="watch-lease", daemon=True)
+        watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)
+        heartbeat.start()
+        try:
+            while not self.finished():
+                evaluated += self.scan_once()
+                scans += 1
+                if self.finished() or (max_scans is not None and scans >= max_scans):
+                    break
+                self.sleep(self.poll_seconds)
+        finally:
+            stop.set()
+            heartbeat.join()
+            watch_lease.release(self.run_dir)
         if self.finished():
             logger.info("watch finished: the stop step is scored (done: %s)", sorted(self.state.done))
         return evaluated
