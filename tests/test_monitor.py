@@ -166,3 +166,27 @@ def test_a_restarted_attempt_leaves_one_record_per_step(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [record["loss"] for record in records if "step" in record] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
     assert [record.get("from_step") for record in records if record.get("event") == "start"] == [0, 3]
+
+
+def _train_on_damaged_shards(rank: int, world_size: int, overrides: list[str]) -> dict:
+    from training.trainer.worker import train_worker
+
+    train_worker(load_config(TINY, overrides))
+    return read_metrics(load_config(TINY, overrides).run_dir) if rank == 0 else {}
+
+
+def test_reader_problem_counts_are_step_metrics(tmp_path):
+    """A corrupt image in the shards: `data/corrupt_samples` in metrics.jsonl, summed over the ranks."""
+    from dist_harness import run_ranks
+    from shard_fixtures import replace_member, shard_name
+
+    from shards.stream.decode import DATA_PROBLEMS
+
+    write_shard_set(tmp_path / "shards", [12, 12])
+    replace_member(tmp_path / "shards" / shard_name(1), "s01_005.ref.jpg", b"\xff\xd8\xff\xe0 not a jpeg")
+    overrides = tiny_overrides(tmp_path, tmp_path / "shards", **{"train.steps": 3, "checkpoint.every_steps": 3})
+    logged = run_ranks(_train_on_damaged_shards, 2, (overrides,))[0]
+    last = logged[str(max(int(step) for step in logged))]  # keys came back through JSON
+    assert {f"data/{kind}" for kind in DATA_PROBLEMS} <= last.keys()
+    # 3 steps x 16 triplets = 2 epochs of the 24 samples: the corrupt one was met once in each
+    assert last["data/corrupt_samples"] == 2 and last["data/truncated_shards"] == 0

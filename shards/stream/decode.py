@@ -36,6 +36,8 @@ TRUNCATED_SHARDS = "truncated_shards"
 """A shard piece that ended in a read error or held fewer samples than the index lists."""
 REFILLED_SAMPLES = "refilled_samples"
 """Samples a slot took from outside its range to make up for ones it lost."""
+DATA_PROBLEMS = (CORRUPT_SAMPLES, INCOMPLETE_SAMPLES, UNSAFE_MEMBERS, TRUNCATED_SHARDS, REFILLED_SAMPLES)
+"""Every kind a reader counts; the training loop logs each as `data/<kind>` (metrics.jsonl, TensorBoard)."""
 _LOGGED_PER_KIND = 3
 _IMAGE_FORMATS = ("JPEG", "PNG")
 """Decoders tried on image members; naming them skips PIL's probing of every format it knows."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from shards.stream.decode import DATA_PROBLEMS
 from training.checkpoint.checkpointer import Checkpointer
 from training.engine.deepspeed_engine import local_grad_norm
 from training.engine.distributed import all_reduce_sum, chain_digests, rank_and_world
@@ -30,7 +31,8 @@ class StepResult:
     """What one optimizer step produced, identical on every rank."""
 
     metrics: dict[str, float]
-    """`loss` and every objective output, averaged over micro-batches and ranks."""
+    """`loss` and every objective output, averaged over micro-batches and ranks; with the reader's problem counts,
+    also `data/<kind>` for each kind of `DATA_PROBLEMS`, summed over ranks (since the run started)."""
     lr: float
     """Learning rate the step used (or would have used, when skipped)."""
     grad_norm: float | None
@@ -44,8 +46,13 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
-def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device) -> StepResult:
-    """Forward and backward every micro-batch, then apply the update unless some rank saw a non-finite value."""
+def train_step(
+    engine, micro_batches: list[dict[str, Any]], device: torch.device, problems: dict[str, int] | None = None
+) -> StepResult:
+    """Forward and backward every micro-batch, then apply the update unless some rank saw a non-finite value.
+
+    `problems` (this rank's reader counts: corrupt samples, truncated shards, ...) ride the step's one collective.
+    """
     totals: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         outputs = engine(to_device(batch, device))
@@ -61,7 +68,9 @@ def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device
     local_bad = (~torch.isfinite(totals["loss"]) | ~torch.isfinite(norm)).float()
     _, world = rank_and_world()
     # One collective per step carries the skip vote and every logged value.
-    summed = all_reduce_sum(torch.stack([local_bad] + [totals[name] for name in names]))
+    counted = [] if problems is None else [float(problems.get(kind, 0)) for kind in DATA_PROBLEMS]
+    counts = torch.tensor(counted, dtype=torch.float32, device=totals["loss"].device)
+    summed = all_reduce_sum(torch.cat([torch.stack([local_bad] + [totals[name] for name in names]), counts]))
     skip = bool(summed[0] > 0)
     lr = engine.basic_optimizer.param_groups[0]["lr"]
     with engine.basic_optimizer.skipping(skip):
@@ -70,6 +79,9 @@ def train_step(engine, micro_batches: list[dict[str, Any]], device: torch.device
     engine_norm = engine.get_global_grad_norm()
     grad_norm = float(engine_norm) if engine_norm is not None else float(norm)
     metrics = {name: float(summed[1 + i]) / (world * len(micro_batches)) for i, name in enumerate(names)}
+    metrics |= {
+        f"data/{kind}": float(summed[1 + len(names) + i]) for i, kind in enumerate(DATA_PROBLEMS[: len(counted)])
+    }
     return StepResult(metrics, lr, grad_norm, skipped)
 
 
@@ -99,7 +111,7 @@ def run(context: LoopContext) -> TrainState:
         started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accumulation)]
         data_wait = time.perf_counter() - started
-        result = train_step(engine, micro_batches, context.device)
+        result = train_step(engine, micro_batches, context.device, getattr(context.reader, "stats", None))
         keys = "\n".join(key for batch in micro_batches for key in batch["keys"]).encode()
         result.digest = hashlib.sha256(keys).hexdigest()[:16]
         segment.update(keys + b"\n")
