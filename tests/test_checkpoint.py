@@ -3,6 +3,7 @@ exact resume on 2 gloo ranks (same losses, same samples, every rank's reader pos
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import subprocess
@@ -247,3 +248,29 @@ def test_resume_continues_exactly_on_two_ranks(tmp_path):
     assert init_step == 1 and init_lr == scratch_lr  # fresh step count and schedule
     assert init_loss != scratch_loss  # same first batches, but the trained weights
     assert not layout.checkpoints_root(tmp_path / "runs" / "init").joinpath("step_00000002").exists()
+
+
+class _FullDisk:
+    """A file piece that writes part of its file, then finds the disk full."""
+
+    def save(self, directory: Path, rank: int) -> None:
+        (directory / "weights.bin").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def load(self, directory: Path) -> None:
+        raise AssertionError("never loaded")
+
+
+def test_a_full_disk_removes_the_partial_checkpoint_and_says_what_is_free(tmp_path):
+    from training.checkpoint.checkpointer import Checkpointer, CheckpointWriteError
+
+    saver = Checkpointer(tmp_path, keep=2, files={"text": _TextFile("a")}, per_rank={}, per_run={"train": TrainState()})
+    saver.save(2)
+    failing = Checkpointer(tmp_path, keep=2, files={"engine": _FullDisk()}, per_rank={}, per_run={})
+    with pytest.raises(
+        CheckpointWriteError, match=r"'engine' piece of checkpoint .*step_00000004 \(No space left"
+    ) as info:
+        failing.save(4)
+    assert info.value.errno == errno.ENOSPC and "GiB free of" in str(info.value)
+    assert not layout.checkpoint_dir(tmp_path, 4).exists()  # nothing partial left to fill the disk
+    assert layout.latest_complete(tmp_path)[0] == 2

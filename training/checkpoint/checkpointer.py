@@ -72,17 +72,23 @@ class Checkpointer:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         barrier()
-        for piece in self.files.values():
-            piece.save(path, rank)
-        ranks = all_gather_json({name: piece.state_dict() for name, piece in self.per_rank.items()})
-        if rank == 0:
-            trainer_state = {
-                "version": TRAINER_STATE_VERSION,
-                "world_size": world,
-                **{name: piece.state_dict() for name, piece in self.per_run.items()},
-                "ranks": ranks,
-            }
-            (path / layout.TRAINER_STATE).write_text(json.dumps(trainer_state))
+        writing = ""
+        try:
+            for name, piece in self.files.items():
+                writing = name  # named in the error when the write fails
+                piece.save(path, rank)
+            writing = "trainer state"
+            ranks = all_gather_json({name: piece.state_dict() for name, piece in self.per_rank.items()})
+            if rank == 0:
+                trainer_state = {
+                    "version": TRAINER_STATE_VERSION,
+                    "world_size": world,
+                    **{name: piece.state_dict() for name, piece in self.per_run.items()},
+                    "ranks": ranks,
+                }
+                (path / layout.TRAINER_STATE).write_text(json.dumps(trainer_state))
+        except OSError as error:
+            raise _failed_write(path, writing, rank, error) from error
         barrier()  # every rank's files are on storage before the marker says so
         if rank == 0:
             layout.mark_complete(path, f"step {step}\n")
@@ -121,6 +127,29 @@ class Checkpointer:
             piece.load_state_dict(mine[name])
         for name, piece in self.per_run.items():
             piece.load_state_dict(saved[name])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount). Its partial files are already removed."""
+
+
+def _failed_write(path: Path, writing: str, rank: int, error: OSError) -> CheckpointWriteError:
+    """Remove what a failed save left, so it frees the space it took, and say what failed where and what is free.
+
+    The checkpoint never got its marker, so nothing would ever load it; the other ranks' writes into the same
+    directory fail with it, and a retry starts the step's checkpoint again from nothing.
+    """
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        usage = shutil.disk_usage(path.parent)
+        free = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB on {path.parent}"
+    except OSError as usage_error:
+        free = f"free space unknown ({usage_error})"
+    return CheckpointWriteError(
+        error.errno,
+        f"rank {rank} could not write the {writing!r} piece of checkpoint {path} ({error.strerror or error}); "
+        f"its partial files are removed; {free}",
+    )
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
