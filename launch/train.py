@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
             f"accumulation {config.accumulation_steps} = global batch {config.train.global_batch}; run {config.run_dir}"
         )
         return 0
-    from training.checkpoint.checkpointer import fresh_start_conflict
+    from cluster.preflight import startup_problems
 
-    conflict = fresh_start_conflict(config.run_dir, config.checkpoint.resume)
-    if conflict is not None:
-        print(f"config error: {conflict}", file=sys.stderr)
+    problems = startup_problems(config)  # what would fail every retry of the workers, found before Ray starts
+    if problems:
+        print("\n".join(f"config error: {problem}" for problem in problems), file=sys.stderr)
         return CONFIG_ERROR_EXIT
 
     from cluster.ray_setup import connect, relative_path_problem

@@ -15,6 +15,7 @@ import torch
 from test_engine import TINY, tiny_overrides
 
 from cluster.root_config import load_config
+from shards.format import shard_name
 from training.checkpoint import layout
 from training.checkpoint.checkpointer import fresh_start_conflict, prune
 from training.trainer.state import TrainState
@@ -274,3 +275,40 @@ def test_a_full_disk_removes_the_partial_checkpoint_and_says_what_is_free(tmp_pa
     assert info.value.errno == errno.ENOSPC and "GiB free of" in str(info.value)
     assert not layout.checkpoint_dir(tmp_path, 4).exists()  # nothing partial left to fill the disk
     assert layout.latest_complete(tmp_path)[0] == 2
+
+
+def _submit(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    script = Path(TINY).parents[1] / "launch" / "train.py"
+    arguments = [f"cluster.storage_path={tmp_path / 'runs'}", "cluster.run_name=r", f"data.shards_dir={tmp_path / 's'}"]
+    command = [sys.executable, str(script), "--config", str(TINY), *arguments, *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("written_by", "submitted"), [(2, 1), (1, 2)])
+def test_resuming_with_another_worker_count_stops_before_ray_starts(tmp_path, written_by, submitted):
+    """What would fail inside every retried worker group is found on the driver: one line per problem, exit 2."""
+    from shard_fixtures import write_shard_set
+
+    write_shard_set(tmp_path / "s", [8])
+    path = _fake_checkpoint(tmp_path / "runs" / "r", 4, complete=True)
+    (path / layout.TRAINER_STATE).write_text(json.dumps({"version": 1, "world_size": written_by, "ranks": []}))
+    done = _submit(
+        tmp_path, f"cluster.num_workers={submitted}", "train.micro_batch=4", f"train.global_batch={8 * submitted}"
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"written by {written_by} worker(s)" in done.stderr and f"cluster.num_workers={written_by}" in done.stderr
+    assert "model.init_from=" in done.stderr and "started a local Ray" not in done.stdout
+
+
+def test_a_missing_shard_or_an_unreadable_checkpoint_stops_before_ray_starts(tmp_path):
+    from shard_fixtures import write_shard_set
+
+    write_shard_set(tmp_path / "s", [8, 8])
+    (tmp_path / "s" / shard_name(1)).unlink()
+    path = _fake_checkpoint(tmp_path / "runs" / "r", 4, complete=True)
+    (path / layout.TRAINER_STATE).write_text("{not json")
+    done = _submit(tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2 and all(line.startswith("config error:") for line in lines)
+    assert "trainer_state.json is unreadable" in lines[0] and "step_00000004" in lines[0]
+    assert f"are missing: {shard_name(1)}" in lines[1]

@@ -60,6 +60,27 @@ class _RankBatches(IterableDataset):
             epoch += 1
 
 
+def verified_index(shards_dir: Path, backbone: str) -> ShardIndex:
+    """The shard set's index, once every shard it lists is present and its tokenizer is the backbone's.
+
+    Raises:
+        FileNotFoundError: no index, or a listed shard is absent (named in the message).
+        ValueError: an unreadable index, or shards tokenized for another backbone.
+    """
+    index = ShardIndex.load(shards_dir)
+    missing = [entry.name for entry in index.shards if not (shards_dir / entry.name).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"shard(s) listed in {shards_dir / 'index.json'} are missing: {shown}")
+    expected_tokenizer = tokenizer_name(backbone)
+    if index.tokenizer != expected_tokenizer or index.context_length != CONTEXT_LENGTH:
+        raise ValueError(
+            f"{shards_dir}: shards were tokenized with {index.tokenizer} (context {index.context_length}), "
+            f"backbone {backbone} uses {expected_tokenizer} (context {CONTEXT_LENGTH}); rebuild the shards"
+        )
+    return index
+
+
 class ShardStream:
     """Batches of one rank over a shard set, epoch after epoch without end, resumable mid-epoch exactly.
 
@@ -104,17 +125,7 @@ class ShardStream:
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError("batch_size and shuffle_buffer must be >= 1 and num_workers >= 0")
         self.shards_dir = Path(shards_dir)
-        index = ShardIndex.load(self.shards_dir)
-        missing = [entry.name for entry in index.shards if not (self.shards_dir / entry.name).is_file()]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise FileNotFoundError(f"shard(s) listed in {self.shards_dir / 'index.json'} are missing: {shown}")
-        expected_tokenizer = tokenizer_name(backbone)
-        if index.tokenizer != expected_tokenizer or index.context_length != CONTEXT_LENGTH:
-            raise ValueError(
-                f"{self.shards_dir}: shards were tokenized with {index.tokenizer} (context {index.context_length}), "
-                f"backbone {backbone} uses {expected_tokenizer} (context {CONTEXT_LENGTH}); rebuild the shards"
-            )
+        index = verified_index(self.shards_dir, backbone)
         self.num_workers = num_workers
         self.rank = rank
         self.plan = StreamPlan(

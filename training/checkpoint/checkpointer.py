@@ -177,6 +177,33 @@ def prune(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def resume_problem(run_dir: str | Path, world_size: int) -> str | None:
+    """Why resuming this run with `world_size` ranks cannot work, or None; read on the driver, before Ray starts.
+
+    An exact resume restores every rank's reader position and DeepSpeed's per-rank state, so it needs the number
+    of ranks the latest complete checkpoint was written by.
+    """
+    latest = layout.latest_complete(run_dir)
+    if latest is None:
+        return None
+    _, path = latest
+    state_file = path / layout.TRAINER_STATE
+    try:
+        saved = int(json.loads(state_file.read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return (
+            f"{state_file} is unreadable ({type(error).__name__}: {error}); move {path.name} out of "
+            f"{path.parent} to resume from the checkpoint before it"
+        )
+    if saved != world_size:
+        return (
+            f"{path} was written by {saved} worker(s), and this submission has cluster.num_workers={world_size}. "
+            f"Resume with cluster.num_workers={saved}, or start a new run from its weights: "
+            f"cluster.run_name=<new name> model.init_from={path / layout.WEIGHTS}"
+        )
+    return None
+
+
 def fresh_start_conflict(run_dir: str | Path, resume: bool) -> str | None:
     """With `checkpoint.resume=false`: why starting would clobber an existing run, or None when it would not.
 
