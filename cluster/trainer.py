@@ -16,6 +16,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
+from cluster.progress import MetricsProgress
 from cluster.rendezvous import bind_store_to_master_addr
 from cluster.root_config import RootConfig
 
@@ -51,7 +52,8 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 
     from training.trainer.worker import train_worker
 
-    train_worker(loop_config["config"], local_rank=ray.train.get_context().get_local_rank())
+    local_rank = ray.train.get_context().get_local_rank()
+    train_worker(loop_config["config"], local_rank=local_rank, console=loop_config.get("console", True))
 
 
 def resolve_storage(config: RootConfig) -> RootConfig:
@@ -72,15 +74,17 @@ def resolve_storage(config: RootConfig) -> RootConfig:
     return config
 
 
-def build_trainer(config: RootConfig) -> TorchTrainer:
-    """The TorchTrainer for `config` (its storage path must already be absolute: see `resolve_storage`)."""
+def build_trainer(config: RootConfig, console: bool = True) -> TorchTrainer:
+    """The TorchTrainer for `config` (its storage path must already be absolute: see `resolve_storage`).
+
+    `console=False`: rank 0 prints no step lines (the driver shows a progress bar instead)."""
     cluster = config.cluster
     if not Path(cluster.storage_path).is_absolute():
         raise ValueError(f"cluster.storage_path={cluster.storage_path!r} must be absolute here")
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     return TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"config": config},
+        train_loop_config={"config": config, "console": console},
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
@@ -103,6 +107,7 @@ def run_training(config: RootConfig) -> Path:
         ray.train.TrainingFailedError: the worker group failed more than `cluster.max_failures` times.
     """
     config = resolve_storage(config)
-    trainer = build_trainer(config)
-    trainer.fit()
+    trainer = build_trainer(config, console=False)
+    with MetricsProgress(config.run_dir, config.train.steps, config.train.global_batch):
+        trainer.fit()
     return config.run_dir

@@ -90,6 +90,7 @@ class Monitor:
         device,
         partitioned: bool = False,
         text_cc: bool = True,
+        console: bool = True,
     ) -> None:
         """
         Args:
@@ -102,6 +103,7 @@ class Monitor:
             model: the network, for the attention-map images.
             partitioned: weights are partitioned (ZeRO-3), so every rank joins the attention-image forward.
             text_cc: the step computes the Text-CC maps and isolated pass (counted in perf/mfu).
+            console: log a step line every `logging.every` steps (the driver's progress bar replaces it).
         """
         self.settings = settings
         self.run_dir = Path(run_dir)
@@ -115,6 +117,7 @@ class Monitor:
         self.writer = None
         self.metrics = None
         self.text_cc = text_cc
+        self.console = console
         self.peak_flops = self._peak_flops()
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -199,6 +202,8 @@ class Monitor:
         for name, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(name, value, step)
+        if not self.console:
+            return
         logger.info(
             "step %d/%d loss %.4f lr %.3g grad %s skipped %d | %.1f triplets/s %.3f s/step data %.0f%%",
             step,

@@ -32,8 +32,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_monitor(config: TrainJob, rank: int, start_step: int, model: torch.nn.Module, device) -> Monitor:
-    """The rank's monitor: TensorBoard, metrics.jsonl and the console (rank 0 writes)."""
+def build_monitor(
+    config: TrainJob, rank: int, start_step: int, model: torch.nn.Module, device, console: bool = True
+) -> Monitor:
+    """The rank's monitor: TensorBoard, metrics.jsonl and (unless the driver draws progress) console lines."""
     return Monitor(
         config.logging,
         config.run_dir,
@@ -46,6 +48,7 @@ def build_monitor(config: TrainJob, rank: int, start_step: int, model: torch.nn.
         device=device,
         partitioned=config.deepspeed.zero_stage == 3,
         text_cc=config.loss.lambda_cc > 0 and config.train.objective == "context",
+        console=console,
     )
 
 
@@ -75,12 +78,13 @@ def build_objective(config: TrainJob) -> torch.nn.Module:
     return ConTextObjective(config.model, config.loss)
 
 
-def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
+def train_worker(config: TrainJob, local_rank: int | None = None, console: bool = True) -> TrainState:
     """Train this rank until `train.steps`, resuming from the run's latest complete checkpoint when there is one.
 
     Args:
         config: the validated config (same on every rank).
         local_rank: this rank's GPU index on its node; defaults to `$LOCAL_RANK` or 0.
+        console: print a step line every `logging.every` steps (off when the driver draws a progress bar).
 
     Returns:
         The final `TrainState`.
@@ -89,7 +93,11 @@ def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
         ValueError: the process group's size differs from `cluster.num_workers`.
         training.trainer.loop.NonFiniteAbort: `train.max_consecutive_skips` non-finite steps in a row.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Our own progress at INFO; libraries (open_clip narrates every model it builds) only from WARNING.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")  # a no-op where Ray set up handlers
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip logs on the root logger
+    for ours in ("training", "shards"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     config = dataclasses.replace(config, model=with_tower_flags(config.model))  # checkpoints record the flags
     rank, world = rank_and_world()
     if world != config.world_size:
@@ -124,7 +132,7 @@ def train_worker(config: TrainJob, local_rank: int | None = None) -> TrainState:
         logger.info("resumed from %s at step %d", resume[1], state.step)
     elif rank == 0:
         logger.info("starting run %s from scratch", config.run_dir)
-    monitor = build_monitor(config, rank, state.step, objective.model, device)
+    monitor = build_monitor(config, rank, state.step, objective.model, device, console)
     try:
         run(LoopContext(engine, reader, monitor, checkpointer, config, device, state))
     finally:
