@@ -9,9 +9,6 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export MASTER_ADDR := 127.0.0.1
 export GLOO_SOCKET_IFNAME := lo
-# DeepSpeed compiles its CPU communication op on first use. `make install` builds it into the virtualenv, so neither
-# the demo nor the suite pays for it, and two checkouts never share (or race on) one half-built op.
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install system-packages demo test lint clean
 
@@ -36,7 +33,10 @@ $(STAMP): pyproject.toml Makefile
 	# deepspeed's build needs the torch installed above, not a fresh one in an isolated build env.
 	$(PY) -m pip install --no-build-isolation -e ".[dev]" $(TORCH_PINS)
 	$(PY) -c "import torch, torchvision, open_clip; assert '+cpu' not in torch.__version__, torch.__version__"
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# DeepSpeed compiles its CPU communication op on first use: build it now, into the virtualenv, where the training
+	# workers look for it (training.engine.deepspeed_engine.use_venv_extensions_dir), so no demo or test pays for it.
+	$(PY) -c "from training.engine.deepspeed_engine import use_venv_extensions_dir as use; use(); \
+		from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 lint: $(STAMP)

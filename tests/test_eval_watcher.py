@@ -94,12 +94,17 @@ def test_watch_state_survives_reload_and_rejects_garbage(tmp_path) -> None:
         WatchState(tmp_path / "eval" / "watch_state.json")
 
 
+def _complete_checkpoint(run_dir: Path, step: int) -> None:
+    """An empty checkpoint directory with its COMPLETE marker: all the watcher and pruning look at."""
+    path = layout.checkpoint_dir(run_dir, step)
+    path.mkdir(parents=True)
+    layout.mark_complete(path)
+
+
 def test_until_step_stops_at_the_first_checkpoint_past_it(tmp_path) -> None:
     run_dir = tmp_path / "run"
     for step in (5, 10, 15, 20):
-        path = layout.checkpoint_dir(run_dir, step)
-        path.mkdir(parents=True)
-        layout.mark_complete(path)
+        _complete_checkpoint(run_dir, step)
     seen: list[int] = []
     watcher = CheckpointWatcher(
         run_dir, lambda path: seen.append(layout.step_of(path)), poll_seconds=0.01, until_step=12
@@ -119,9 +124,7 @@ def test_a_slow_watcher_scores_every_checkpoint_the_trainer_would_prune(tmp_path
     def train_one_checkpoint() -> None:
         step = next(trainer_step, None)
         if step is not None:
-            path = layout.checkpoint_dir(run_dir, step)
-            path.mkdir(parents=True)
-            layout.mark_complete(path)
+            _complete_checkpoint(run_dir, step)
             prune(run_dir, keep=1)
 
     seen: list[int] = []
@@ -147,9 +150,7 @@ def test_prune_honours_only_a_fresh_lease(tmp_path) -> None:
 
     run_dir = tmp_path / "run"
     for step in (5, 10, 15, 20):
-        path = layout.checkpoint_dir(run_dir, step)
-        path.mkdir(parents=True)
-        layout.mark_complete(path)
+        _complete_checkpoint(run_dir, step)
     watch_lease.write_lease(run_dir, through=5)
     prune(run_dir, keep=1)
     assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [10, 15, 20]  # 5 is scored, the rest not

@@ -69,7 +69,8 @@ def train_step(
     _, world = rank_and_world()
     # One collective per step carries the skip vote and every logged value.
     counted = [] if problems is None else [float(problems.get(kind, 0)) for kind in DATA_PROBLEMS]
-    counts = torch.tensor(counted, dtype=torch.float32, device=totals["loss"].device)
+    # non_blocking: a plain host -> GPU copy would wait for the backward here, a second host sync per step.
+    counts = torch.tensor(counted, dtype=torch.float32).to(totals["loss"].device, non_blocking=True)
     summed = all_reduce_sum(torch.cat([torch.stack([local_bad] + [totals[name] for name in names]), counts]))
     skip = bool(summed[0] > 0)
     lr = engine.basic_optimizer.param_groups[0]["lr"]
