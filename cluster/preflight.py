@@ -6,14 +6,13 @@ Inside the workers such a problem surfaced only after Ray and DeepSpeed had star
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cluster.root_config import RootConfig
+from shards.storage import ShardStorageError
 
 
 def startup_problems(config: RootConfig) -> list[str]:
     """Every problem found, each a line naming the key or file and what to do; empty when the job can start."""
-    from shards.stream.reader import verified_index
+    from shards.stream.reader import shard_store, verified_index
     from training.checkpoint.checkpointer import fresh_start_conflict, resume_problem
 
     problems = []
@@ -25,7 +24,7 @@ def startup_problems(config: RootConfig) -> list[str]:
         if mismatch is not None:
             problems.append(mismatch)
     try:
-        verified_index(Path(config.data.shards_dir), config.model.backbone)
-    except (OSError, ValueError) as error:
+        verified_index(shard_store(config.data), config.model.backbone)
+    except (OSError, ValueError, ShardStorageError) as error:
         problems.append(f"data.shards_dir: {error}")
     return problems

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import ClusterConfig
+from shards.storage import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ def relative_path_problem(cluster: ClusterConfig, paths: dict[str, str]) -> str 
     """
     if cluster_address(cluster) is None:
         return None
-    relative = [f"{key}={value}" for key, value in paths.items() if value and not Path(value).is_absolute()]
+    relative = [
+        f"{key}={value}" for key, value in paths.items() if value and not is_url(value) and not Path(value).is_absolute()
+    ]
     if not relative:
         return None
     return (

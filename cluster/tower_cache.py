@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cluster.root_config import RootConfig
 from shards.format import INDEX_NAME
+from shards.stream.reader import shard_store
 from training.config_loader import to_yaml
 
 IRRELEVANT_SECTIONS = ("cluster", "eval", "index", "serve")
@@ -47,15 +48,21 @@ class TowersResult:
 
 def towers_digest(config: RootConfig) -> str:
     """sha256 over the shard index and the weight-relevant config."""
-    index = Path(config.data.shards_dir) / INDEX_NAME
-    if not index.is_file():
-        raise TowerCacheError(f"no shard index at {index}: run launch/build_shards.py --config <this config> first")
+    store = shard_store(config.data)
+    try:
+        index_bytes = store.read_bytes(INDEX_NAME)
+    except FileNotFoundError:
+        raise TowerCacheError(
+            f"no shard index at {store.where(INDEX_NAME)}: run launch/build_shards.py --config <this config> first"
+        ) from None
     # Where the data lives is no part of it: the shard index above covers what the sources and shards hold, so a
     # moved checkout or another copy of the same shards finds the same towers.
     relevant = dataclasses.replace(
         config,
         pretrain=dataclasses.replace(config.pretrain, towers_out=None),
-        data=dataclasses.replace(config.data, shards_dir="", sources=[]),
+        data=dataclasses.replace(
+            config.data, shards_dir="", sources=[], storage_options={}, read_retries=0, staging_dir=None
+        ),
     )
     text = to_yaml(relevant)
     kept = "\n".join(
@@ -63,7 +70,7 @@ def towers_digest(config: RootConfig) -> str:
     )
     placement = f"\nworkers: {config.cluster.num_workers}, gpu: {config.cluster.use_gpu}"  # negatives, precision
     digest = hashlib.sha256()
-    digest.update(index.read_bytes())
+    digest.update(index_bytes)
     digest.update((kept + placement).encode())
     return digest.hexdigest()
 

@@ -19,6 +19,7 @@ from ray.train.torch.config import _TorchBackend
 from cluster.progress import MetricsProgress
 from cluster.rendezvous import bind_store_to_master_addr
 from cluster.root_config import RootConfig
+from shards.storage import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,14 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 def resolve_storage(config: RootConfig) -> RootConfig:
     """The same config with every path the workers read made absolute: workers do not share the driver's cwd.
 
-    Covers `cluster.storage_path`, `data.shards_dir`, `model.weights_file`, `model.init_from` and
+    Covers `cluster.storage_path`, `data.shards_dir` (unless a URL), `model.weights_file`, `model.init_from` and
     `model.cache_dir`; relative paths resolve against the driver's working directory.
     """
 
     def absolute(path: str | None) -> str | None:
-        return str(Path(path).expanduser().resolve()) if path else path
+        if not path or is_url(path):  # an object-store URL means the same on every node
+            return path
+        return str(Path(path).expanduser().resolve())
 
     config.cluster.storage_path = absolute(config.cluster.storage_path)
     config.data.shards_dir = absolute(config.data.shards_dir)

@@ -3,7 +3,8 @@
     python launch/build_shards.py --config configs/tiny.yaml [key.path=value ...]
 
 Parallel over `data.build_workers` processes (0: one per core), deterministic for `data.seed`, and resumable:
-shards that are complete already are kept, partial ones rebuilt.
+shards that are complete already are kept, partial ones rebuilt. A URL `data.shards_dir` (s3://, gs://) is built in
+a local staging directory (`data.staging_dir`), then uploaded, `index.json` last.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     from shards.builder.noun_phrases import NounPhraseError
     from shards.builder.shard_set import build_shards
     from shards.builder.sources import SourceError
+    from shards.storage import ShardStorageError
 
     try:
         report = build_shards(config.data, config.model.backbone)
-    except (SourceError, NounPhraseError) as error:
+    except (SourceError, NounPhraseError, ShardStorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return DATA_ERROR_EXIT
     print(f"wrote {report.index_path} ({report.rebuilt} shards written by this run)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -116,7 +117,16 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """The aggregated mixture: every source is built into one shard set."""
     shards_dir: str = MISSING
-    """Directory of the shard set: `shard-XXXXXX.tar` files plus `index.json`."""
+    """Directory or URL (`s3://`, `gs://`, `http(s)://`, any fsspec URL) of the shard set: `shard-XXXXXX.tar`
+    files plus `index.json`. See shards/storage.py."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the fsspec filesystem of a URL `shards_dir`, e.g. `{endpoint_url: http://...}` for an
+    S3-compatible store. Credentials belong in the store's environment variables, not here."""
+    read_retries: int = 5
+    """Retries, with exponential backoff, of a transient error reading a remote shard."""
+    staging_dir: str | None = None
+    """Local directory where `build_shards.py` builds a URL `shards_dir` before uploading it; None: a directory
+    under `~/.cache/context-cir/staging` named after the URL (kept, so an interrupted build resumes)."""
     samples_per_shard: int = 1000
     """Triplets per tar shard."""
     image_short_side: int = 256
@@ -142,6 +152,8 @@ class DataConfig:
             raise ValueError("data.loader_workers must be >= 0")
         if self.shuffle_buffer < 1:
             raise ValueError("data.shuffle_buffer must be >= 1")
+        if self.read_retries < 0:
+            raise ValueError("data.read_retries must be >= 0")
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources names must be unique, got {names}")

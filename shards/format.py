@@ -24,12 +24,17 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from shards.storage import ShardStore
+
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
+SIDECAR_SUFFIX = ".done.json"
+"""Beside each shard: what its build wrote (`ShardResult`: counts, sha256, each sample's byte offset)."""
 FIELDS = ("ref.jpg", "tgt.jpg", "txt", "json", "cap.npy", "spans.npy", "npids.npy")
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -191,13 +196,21 @@ class ShardIndex:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> ShardIndex:
-        """Read and check `<directory>/index.json`; a clear error when it is absent or malformed."""
-        path = Path(directory) / INDEX_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no shard index at {path}; build the shards first (launch/build_shards.py)")
+    def load(cls, location: str | Path | ShardStore) -> ShardIndex:
+        """Read and check the index of a shard set (a directory, a URL or a `ShardStore`); a clear error when it is
+        absent or malformed."""
+        from shards.storage import ShardStore
+
+        store = location if isinstance(location, ShardStore) else ShardStore(str(location))
+        path = store.where(INDEX_NAME)
         try:
-            payload = json.loads(path.read_text())
+            raw = store.read_bytes(INDEX_NAME)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no shard index at {path}; build the shards first (launch/build_shards.py)"
+            ) from None
+        try:
+            payload = json.loads(raw)
             if payload.get("schema_version") != SCHEMA_VERSION:
                 raise ShardFormatError(
                     f"{path}: schema_version {payload.get('schema_version')} is not {SCHEMA_VERSION}; rebuild"
@@ -212,7 +225,7 @@ class ShardIndex:
                 sources=dict(payload.get("sources", {})),
                 schema_version=int(payload["schema_version"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ShardFormatError(f"{path}: malformed shard index ({error})") from error
 
 

@@ -7,6 +7,7 @@ reuses every shard whose sidecar matches its plan and whose bytes still hash rig
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards.builder.noun_phrases import Extraction, NounPhrase, extract_noun_phrases, stanza_model_dir
+from shards.builder.publish import default_staging_dir, publish
 from shards.builder.sources import SourceError, Triplet, mixture, read_source
 from shards.builder.tokens import TRUNCATED
 from shards.builder.writer import (
@@ -33,8 +35,9 @@ from shards.builder.writer import (
     write_shard,
 )
 from shards.config import DataConfig, NounPhraseConfig, SourceConfig
-from shards.format import SCHEMA_VERSION, ShardEntry, ShardIndex, file_sha256, sanitize_key, shard_name
+from shards.format import INDEX_NAME, SCHEMA_VERSION, ShardEntry, ShardIndex, file_sha256, sanitize_key, shard_name
 from shards.model_inputs import CONTEXT_LENGTH, tokenizer_name
+from shards.storage import ShardStore
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,8 @@ _SHARD_FILE = re.compile(r"^shard-(\d{6})\.tar(\.done\.json|\.tmp)?$")
 class BuildReport:
     """Outcome of a build: the index written and per-source statistics."""
 
-    index_path: Path
+    index_path: Path | str
+    """Where `index.json` was written: a path, or a URL for a shard set built to object storage."""
     samples: int
     shards: int
     rebuilt: int
@@ -241,7 +245,16 @@ def build_shards(data: DataConfig, backbone: str, progress: bool = True) -> Buil
     Raises:
         SourceError: an annotation file is missing or malformed.
         NounPhraseError: the noun-phrase parser cannot run (stanza models or tree sidecar missing).
+        ShardStorageError: a URL `data.shards_dir` refused the upload or stayed unreachable.
     """
+    store = ShardStore(data.shards_dir, dict(data.storage_options), retries=data.read_retries)
+    if store.remote:
+        staging = Path(data.staging_dir).expanduser() if data.staging_dir else default_staging_dir(data.shards_dir)
+        logger.info("building %s in %s, then uploading", data.shards_dir, staging)
+        report = build_shards(dataclasses.replace(data, shards_dir=str(staging)), backbone, progress)
+        uploaded, kept = publish(staging, store, progress)
+        logger.info("uploaded %d shards, %d were there already", uploaded, kept)
+        return dataclasses.replace(report, index_path=store.where(INDEX_NAME))
     shards_dir = Path(data.shards_dir)
     shards_dir.mkdir(parents=True, exist_ok=True)
     tasks, stats = _plan(data, backbone, shards_dir)

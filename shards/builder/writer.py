@@ -21,11 +21,10 @@ from PIL import Image
 
 from shards.builder.noun_phrases import NounPhrase
 from shards.builder.tokens import CaptionTokenizer
-from shards.format import encode_sample, file_sha256
+from shards.format import SIDECAR_SUFFIX, encode_sample, file_sha256
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_SUFFIX = ".done.json"
 # Fixed tar header fields: the bytes of a shard depend on its samples only, not on who built it or when.
 _TAR_MTIME = 0
 _TAR_MODE = 0o644
@@ -84,6 +83,9 @@ class ShardResult:
     dropped_nps: dict[str, dict[str, int]] = field(default_factory=dict)
     """source -> reason -> noun phrases that got no token span."""
     kept_nps: dict[str, int] = field(default_factory=dict)
+    offsets: list[int] | None = None
+    """Byte offset of each written sample's first tar header: a reader seeks there to start mid-shard. None in
+    sidecars written before offsets were recorded."""
 
 
 def encode_image(path: str, short_side: int, quality: int) -> bytes:
@@ -136,6 +138,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     dropped: dict[str, Counter] = {}
     kept: Counter = Counter()
     count = 0
+    offsets: list[int] = []
     with open(temporary, "wb") as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for spec in task.samples:
@@ -170,6 +173,7 @@ def write_shard(task: ShardTask) -> ShardResult:
                     tokens.np_spans,
                     tokens.np_ids,
                 )
+                offsets.append(tar.offset)
                 for name, data in members.items():
                     tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
                 count += 1
@@ -184,6 +188,7 @@ def write_shard(task: ShardTask) -> ShardResult:
         skipped={source: dict(reasons) for source, reasons in skipped.items()},
         dropped_nps={source: dict(reasons) for source, reasons in dropped.items() if reasons},
         kept_nps=dict(kept),
+        offsets=offsets,
     )
     write_json_atomically(path.with_name(path.name + SIDECAR_SUFFIX), asdict(result))
     return result

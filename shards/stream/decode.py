@@ -13,7 +13,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from PIL import Image
 
 from shards.format import FIELDS, ShardFormatError, decode_tokens, split_member_name
 from shards.model_inputs import box_in_crop, eval_transform
+from shards.storage import ShardStore, member_offsets
 from shards.stream.plan import Piece
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Record:
 
 
 def read_records(
-    shards_dir: Path, pieces: list[Piece], handler: ErrorHandler, wanted: Callable[[int], bool] | None = None
+    store: ShardStore, pieces: list[Piece], handler: ErrorHandler, wanted: Callable[[int], bool] | None = None
 ) -> Iterator[Record]:
     """Samples of `pieces` in tar order, grouped from their members.
 
@@ -84,16 +85,24 @@ def read_records(
     only their tar headers are read, which makes skipping to a resume point cheap. A group is only yielded once
     the tar shows it is complete (the next key starts, or the tar ends cleanly), so a member cut by truncation
     never yields a partial sample, whether or not its bytes were read.
+
+    A piece that starts mid-shard seeks to its first sample when the shard's sidecar records the byte offsets,
+    else it reads its way there header by header. A store that cannot be read at all raises `ShardStorageError`.
     """
     number = 0
     for piece in pieces:
-        path = shards_dir / piece.shard
+        path = PurePosixPath(piece.shard)
         ordinal = -1
         key: str | None = None
         fields: dict[str, bytes | None] = {}
         take = load = False
+        offsets = member_offsets(store, piece.shard) if piece.first > 0 else None
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            with store.open(piece.shard) as handle:
+                if offsets is not None and piece.first < len(offsets):
+                    handle.seek(offsets[piece.first])
+                    ordinal = piece.first - 1
+                tar = tarfile.open(fileobj=handle, mode="r:")
                 while (member := tar.next()) is not None:
                     parsed = split_member_name(member.name) if member.isfile() else None
                     if parsed is None:
@@ -131,7 +140,7 @@ def read_records(
 
 
 def _finish_group(
-    key: str | None, fields: dict[str, bytes | None], load: bool, handler: ErrorHandler, path: Path
+    key: str | None, fields: dict[str, bytes | None], load: bool, handler: ErrorHandler, path: PurePosixPath
 ) -> Record | None:
     if key is None or set(fields) != set(FIELDS):
         handler(INCOMPLETE_SAMPLES, f"{path.name}: sample {key!r} has members {sorted(fields)}")

@@ -26,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.config import DataConfig
-from shards.format import ShardIndex
+from shards.format import INDEX_NAME, ShardIndex
 from shards.model_inputs import CONTEXT_LENGTH, tokenizer_name
+from shards.storage import ShardStore
 from shards.stream.plan import StreamPlan
 from shards.stream.slot import SlotCursor, SlotSpec, slot_batches
 
@@ -60,22 +61,28 @@ class _RankBatches(IterableDataset):
             epoch += 1
 
 
-def verified_index(shards_dir: Path, backbone: str) -> ShardIndex:
+def verified_index(shards: str | Path | ShardStore, backbone: str) -> ShardIndex:
     """The shard set's index, once every shard it lists is present and its tokenizer is the backbone's.
 
     Raises:
         FileNotFoundError: no index, or a listed shard is absent (named in the message).
         ValueError: an unreadable index, or shards tokenized for another backbone.
+        ShardStorageError: the store cannot be reached (after retries), or refuses access.
     """
-    index = ShardIndex.load(shards_dir)
-    missing = [entry.name for entry in index.shards if not (shards_dir / entry.name).is_file()]
+    store = shards if isinstance(shards, ShardStore) else ShardStore(str(shards))
+    index = ShardIndex.load(store)
+    if store.listable:
+        present = set(store.names())  # one listing, not a request per shard
+        missing = [entry.name for entry in index.shards if entry.name not in present]
+    else:
+        missing = [entry.name for entry in index.shards if not store.exists(entry.name)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"shard(s) listed in {shards_dir / 'index.json'} are missing: {shown}")
+        raise FileNotFoundError(f"shard(s) listed in {store.where(INDEX_NAME)} are missing: {shown}")
     expected_tokenizer = tokenizer_name(backbone)
     if index.tokenizer != expected_tokenizer or index.context_length != CONTEXT_LENGTH:
         raise ValueError(
-            f"{shards_dir}: shards were tokenized with {index.tokenizer} (context {index.context_length}), "
+            f"{store.location}: shards were tokenized with {index.tokenizer} (context {index.context_length}), "
             f"backbone {backbone} uses {expected_tokenizer} (context {CONTEXT_LENGTH}); rebuild the shards"
         )
     return index
@@ -91,7 +98,7 @@ class ShardStream:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Path | ShardStore,
         *,
         backbone: str,
         batch_size: int,
@@ -106,7 +113,7 @@ class ShardStream:
         """Check the shard set and plan the epochs; nothing is read until iteration.
 
         Args:
-            shards_dir: directory holding `index.json` and the tar shards it lists.
+            shards_dir: directory or URL holding `index.json` and the tar shards it lists, or its `ShardStore`.
             backbone: open_clip model name; sets the image transform and must match the index's tokenizer.
             batch_size: samples per batch on this rank.
             rank, world_size: this rank among the ranks reading the same shard set.
@@ -124,8 +131,8 @@ class ShardStream:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError("batch_size and shuffle_buffer must be >= 1 and num_workers >= 0")
-        self.shards_dir = Path(shards_dir)
-        index = verified_index(self.shards_dir, backbone)
+        self.store = shards_dir if isinstance(shards_dir, ShardStore) else ShardStore(str(shards_dir))
+        index = verified_index(self.store, backbone)
         self.num_workers = num_workers
         self.rank = rank
         self.plan = StreamPlan(
@@ -136,7 +143,7 @@ class ShardStream:
             slots_per_rank=max(num_workers, 1),
             batch_size=batch_size,
         )
-        self._spec = SlotSpec(str(self.shards_dir), backbone, self.plan, rank, shuffle_buffer, max_nps, np_length)
+        self._spec = SlotSpec(self.store, backbone, self.plan, rank, shuffle_buffer, max_nps, np_length)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self._step = 0
         self._cursor_epoch = 0
@@ -290,10 +297,15 @@ def _next_single_threaded(source: Iterator[dict[str, Any]]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def shard_store(data: DataConfig) -> ShardStore:
+    """Where `data.shards_dir` points, with the section's storage options and retry budget."""
+    return ShardStore(data.shards_dir, dict(data.storage_options), retries=data.read_retries)
+
+
 def build_reader(data: DataConfig, backbone: str, batch_size: int, rank: int, world_size: int) -> ShardStream:
     """The training reader for config section `data`."""
     return ShardStream(
-        data.shards_dir,
+        shard_store(data),
         backbone=backbone,
         batch_size=batch_size,
         rank=rank,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shards.storage import ShardStore
 from shards.stream.decode import REFILLED_SAMPLES, Record, SkipAndCount, collate, decode_stage, read_records
 from shards.stream.plan import StreamPlan
 
@@ -120,7 +120,7 @@ class SlotCursor:
 class SlotSpec:
     """What a slot needs besides its cursor; picklable so that loader worker processes get a copy."""
 
-    shards_dir: str
+    store: ShardStore
     backbone: str
     plan: StreamPlan
     rank: int
@@ -137,7 +137,6 @@ def slot_batches(spec: SlotSpec, cursor: SlotCursor) -> Iterator[dict[str, Any]]
         return
     where = f"rank {spec.rank} slot {cursor.slot} epoch {epoch}"
     handler = SkipAndCount(cursor.stats, where)
-    shards_dir = Path(spec.shards_dir)
     buffer = ShuffleBuffer(spec.shuffle_buffer, plan.buffer_seed(epoch, spec.rank, cursor.slot))
     held = buffer.replay(cursor.records, cursor.emitted, cursor.drained)
     position_of = {number: position for position, number in enumerate(held)}
@@ -146,7 +145,7 @@ def slot_batches(spec: SlotSpec, cursor: SlotCursor) -> Iterator[dict[str, Any]]
     def wanted(number: int) -> bool:
         return number >= replayed or number in position_of
 
-    source = read_records(shards_dir, plan.slot_pieces(epoch, spec.rank, cursor.slot), handler, wanted)
+    source = read_records(spec.store, plan.slot_pieces(epoch, spec.rank, cursor.slot), handler, wanted)
     handler.muted = replayed > 0 or cursor.drained
     restored: list[Record | None] = [None] * len(held)
     for number in range(replayed):
@@ -185,17 +184,17 @@ def slot_batches(spec: SlotSpec, cursor: SlotCursor) -> Iterator[dict[str, Any]]
             def wanted_in_pass(number: int, pass_start: int = pass_start) -> bool:
                 return pass_start + number >= skipped
 
-            for record in read_records(shards_dir, pieces, handler, wanted_in_pass):
+            for record in read_records(spec.store, pieces, handler, wanted_in_pass):
                 passed += 1
                 if passed <= skipped:
                     handler.muted = passed < skipped
                     continue
                 cursor.refill_records += 1
                 if cursor.refill_misses > plan.total_samples:
-                    raise RuntimeError(f"{where}: no decodable sample in a full pass over {spec.shards_dir}")
+                    raise RuntimeError(f"{where}: no decodable sample in a full pass over {spec.store.location}")
                 yield record
             if passed == pass_start:
-                raise RuntimeError(f"{where}: no readable sample in {spec.shards_dir}")
+                raise RuntimeError(f"{where}: no readable sample in {spec.store.location}")
 
     def count_miss() -> None:
         cursor.refill_misses += 1
