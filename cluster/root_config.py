@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster.config import ClusterConfig
 from cluster.serving.config import ServeConfig
 from shards.config import DataConfig
+from shards.generate.config import GenerateConfig
 from training.checkpoint.config import CheckpointConfig
 from training.config_loader import load_structured
 from training.engine.config import BatchGeometry, DeepSpeedConfig, OptimConfig
@@ -54,6 +55,7 @@ class RootConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,157 @@
+"""A client of any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, a hosted API): rate-limited, with
+exponential backoff on 429, 5xx, timeouts and dropped connections, honouring `Retry-After`.
+
+The API key is read from the environment variable the config names (or the config itself) and only ever placed in
+the `Authorization` header: no message, log line or record built here contains it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+RETRIED_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+REFUSED_STATUS = frozenset({401, 403, 404})
+"""Answers that no retry and no other pair can change: a wrong key, a wrong URL or model."""
+
+
+class EndpointError(RuntimeError):
+    """A request that failed for good (retries used up, or an answer with no usable text); `reason` is short."""
+
+    def __init__(self, reason: str, detail: str = "", calls: int = 0) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.calls = calls
+        """Requests sent before giving up."""
+
+
+class EndpointRefused(EndpointError):
+    """The endpoint refused the request itself (401/403/404): every other request would fail the same way."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    """HTTP requests sent, retries included."""
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.calls += other.calls
+
+
+@dataclass
+class Completion:
+    text: str
+    usage: Usage = field(default_factory=Usage)
+
+
+class RateLimiter:
+    """At most `per_second` request starts per second from this process (0: no limit)."""
+
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        time.sleep(max(0.0, start - now))
+
+
+class ChatClient:
+    """POSTs to `<endpoint>/chat/completions` with retries; one per worker process."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        api_key: str | None,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+        requests_per_second: float = 0.0,
+        max_tokens: int = 1024,
+    ) -> None:
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.max_tokens = max_tokens
+        self.limiter = RateLimiter(requests_per_second)
+        self.session = requests.Session()
+        self.session.headers["Content-Type"] = "application/json"
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def complete(self, messages: list[dict[str, Any]], response_format: dict[str, Any] | None = None) -> Completion:
+        """The first choice's text; raises EndpointError once the retries are used up."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
+        if response_format is not None:
+            body["response_format"] = response_format
+        usage = Usage()
+        last, hint = "no attempt", None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self._wait(attempt, hint))
+                hint = None
+            self.limiter.wait()
+            usage.calls += 1
+            try:
+                response = self.session.post(self.url, data=json.dumps(body), timeout=self.timeout_s)
+            except requests.Timeout:
+                last = "timeout"
+                continue
+            except requests.ConnectionError:
+                last = "connection error"
+                continue
+            if response.status_code in REFUSED_STATUS:
+                raise EndpointRefused(f"http {response.status_code}", f"{self.url} refused the request ({self.model})")
+            if response.status_code in RETRIED_STATUS:
+                last = f"http {response.status_code}"
+                hint = response.headers.get("Retry-After")
+                continue
+            if response.status_code >= 400:
+                raise EndpointError(f"http {response.status_code}", response.text[:200], usage.calls)
+            return self._parse(response, usage)
+        raise EndpointError(last, f"gave up after {self.max_retries + 1} attempts", usage.calls)
+
+    def _wait(self, attempt: int, retry_after: str | None) -> float:
+        """The server's `Retry-After` seconds when it sent them, else exponential backoff with jitter."""
+        if retry_after is not None:
+            try:
+                return min(60.0, max(0.0, float(retry_after)))
+            except ValueError:
+                pass
+        return min(60.0, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+    @staticmethod
+    def _parse(response: requests.Response, usage: Usage) -> Completion:
+        try:
+            payload = response.json()
+            text = payload["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EndpointError("unreadable completion", response.text[:200], usage.calls) from None
+        if not isinstance(text, str):
+            raise EndpointError("unreadable completion", "message content is not text", usage.calls)
+        counted = payload.get("usage") or {}
+        usage.prompt_tokens += int(counted.get("prompt_tokens") or 0)
+        usage.completion_tokens += int(counted.get("completion_tokens") or 0)
+        return Completion(text, usage)

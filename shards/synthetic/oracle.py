@@ -1,0 +1,237 @@
+"""The scene oracle: a stand-in for a vision-language model that answers the data generator's three questions for
+images of the synthetic benchmark, from the scene each image was rendered from.
+
+It is not a model and sees no pixels. It finds each image by the sha256 of its bytes (never by a path or name) in
+`objects.json`, and answers from the recorded objects: their shapes, sizes, colours and positions, and the
+difference between two scenes by object id. It serves the OpenAI chat-completions protocol on 127.0.0.1, so the
+generator, its retries, repairs and cache run unchanged against it (`launch/scene_oracle.py`).
+
+Realistic faults, at `fault_rate` in all, a third each:
+- a 429 with `Retry-After` (transient: the same request may pass next time);
+- malformed JSON (transient as well; the generator sends a repair request);
+- a missing object: one object left out of an object list. Like a model's consistent mistake, it depends on the
+  stage and the images only, so every rerun and every repair makes it again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGE_NAMES = ("reference_objects", "target_objects", "modifications")
+
+
+class OracleError(ValueError):
+    """A request the oracle cannot answer (unknown image, unknown stage); served as HTTP 400."""
+
+
+def _unit(*parts: object) -> float:
+    """A number in [0, 1) fixed by `parts`."""
+    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _where(position: str) -> str:
+    return "in the center" if position == "center" else f"at the {position}"
+
+
+def scene_objects(scene: dict[str, Any]) -> list[dict[str, Any]]:
+    """A scene's objects as the protocol lists them, in a fixed order."""
+    listed = [
+        {"name": obj["shape"], "descriptors": [obj["size"], obj["color"]], "position": obj["position"]}
+        for obj in scene["objects"]
+    ]
+    return sorted(listed, key=lambda item: (item["position"], item["name"], item["descriptors"]))
+
+
+def scene_modifications(reference: dict[str, Any], target: dict[str, Any]) -> list[dict[str, str]]:
+    """The single changes from one scene to the other, matching objects by their id."""
+    before = {obj["id"]: obj for obj in reference["objects"]}
+    after = {obj["id"]: obj for obj in target["objects"]}
+    changes = []
+    for key in sorted(before.keys() - after.keys()):
+        obj = before[key]
+        changes.append({"type": "remove", "object": obj["shape"], "text": f"remove the {obj['color']} {obj['shape']}"})
+    for key in sorted(before.keys() & after.keys()):
+        old, new = before[key], after[key]
+        named = f"the {old['color']} {old['shape']}"
+        if new["color"] != old["color"]:
+            changes.append({"type": "modify", "object": old["shape"], "text": f"make {named} {new['color']}"})
+        if new["size"] != old["size"]:
+            change = "larger" if new["size"] == "large" else "smaller"
+            changes.append({"type": "modify", "object": old["shape"], "text": f"make {named} {change}"})
+        if new["position"] != old["position"]:
+            text = f"move {named} to the {new['position']}"
+            changes.append({"type": "modify", "object": old["shape"], "text": text})
+    for key in sorted(after.keys() - before.keys()):
+        obj = after[key]
+        text = f"add a {obj['size']} {obj['color']} {obj['shape']} {_where(obj['position'])}"
+        changes.append({"type": "add", "object": obj["shape"], "text": text})
+    return changes
+
+
+@dataclass
+class SceneOracle:
+    """Answers chat-completions requests for images of one synthetic benchmark root."""
+
+    scenes: dict[str, dict[str, Any]]
+    """sha256 of an image file -> its scene from objects.json."""
+    fault_rate: float = 0.0
+    seed: int = 0
+    counts: Counter = field(default_factory=Counter)
+    """Requests served, by outcome (`ok`, `fault_429`, `fault_malformed`, `fault_missing_object`, `refused`)."""
+    _attempts: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_root(cls, root: str | Path, **options: Any) -> SceneOracle:
+        """Index every image listed by the benchmark's CIRR image splits by its content hash."""
+        root = Path(root)
+        images = json.loads((root / "objects.json").read_text())["images"]
+        scenes = {}
+        for split_file in sorted((root / "cirr" / "image_splits").glob("split.rc2.*.json")):
+            for name, relative in json.loads(split_file.read_text()).items():
+                if name in images:
+                    digest = hashlib.sha256((root / relative).read_bytes()).hexdigest()
+                    scenes[digest] = images[name]
+        if not scenes:
+            raise OracleError(f"{root}: no images of objects.json found through cirr/image_splits")
+        return cls(scenes, **options)
+
+    def answer(self, request: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(HTTP status, JSON body, extra headers) for one chat-completions request."""
+        body_key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            attempt = self._attempts[body_key]
+            self._attempts[body_key] += 1
+        try:
+            stage = request["response_format"]["json_schema"]["name"]
+            messages = request["messages"]
+        except (KeyError, TypeError):
+            return self._refuse("the oracle needs response_format.json_schema.name naming the stage")
+        if stage not in STAGE_NAMES:
+            return self._refuse(f"unknown stage {stage!r}")
+        try:
+            hashes = self._image_hashes(messages)
+            scenes = [self.scenes[digest] for digest in hashes]
+        except KeyError:
+            return self._refuse("an image the oracle has no scene for")
+        except (ValueError, TypeError) as error:
+            return self._refuse(f"unreadable image content ({error})")
+        transient = _unit(self.seed, body_key, attempt)
+        if transient < self.fault_rate / 3:
+            self._count("fault_429")
+            return 429, {"error": {"message": "rate limited (scene oracle fault)"}}, {"Retry-After": "0.05"}
+        if stage == "modifications":
+            if len(scenes) < 2:
+                return self._refuse("the modifications stage needs two images")
+            payload: dict[str, Any] = {"modifications": scene_modifications(scenes[0], scenes[-1])}
+        else:
+            scene = scenes[0] if stage == "reference_objects" else scenes[-1]
+            objects = scene_objects(scene)
+            if len(objects) > 1 and _unit(self.seed, "missing", stage, *hashes) < self.fault_rate / 3:
+                self._count("fault_missing_object")
+                objects = objects[:-1]
+            payload = {"objects": objects}
+        text = json.dumps(payload)
+        if transient < 2 * self.fault_rate / 3:
+            self._count("fault_malformed")
+            text = text[: max(1, len(text) // 2)]
+        else:
+            self._count("ok")
+        prompt_words = sum(len(str(part.get("text", "")).split()) for m in messages for part in _parts(m))
+        usage = {
+            "prompt_tokens": prompt_words + 85 * len(hashes),
+            "completion_tokens": max(1, len(text) // 4),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return 200, _completion(request.get("model", "scene-oracle"), text, usage), {}
+
+    def _image_hashes(self, messages: list[dict[str, Any]]) -> list[str]:
+        """Content hashes of the images of the last user message that has any (a repair turn repeats none)."""
+        for message in reversed(messages):
+            urls = [part["image_url"]["url"] for part in _parts(message) if part.get("type") == "image_url"]
+            if urls:
+                return [hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest() for url in urls]
+        raise ValueError("no image in the request")
+
+    def _refuse(self, message: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        self._count("refused")
+        return 400, {"error": {"message": message}}, {}
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    return content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+
+
+def _completion(model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": "oracle-" + hashlib.sha256(text.encode()).hexdigest()[:12],
+        "object": "chat.completion",
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+
+
+def make_server(oracle: SceneOracle, port: int = 0, api_key: str | None = None):
+    """A threading HTTP server for `oracle` on 127.0.0.1 (`port` 0: a free one); the caller runs and stops it.
+
+    With `api_key` set, a request without `Authorization: Bearer <api_key>` gets 401, as a hosted API would.
+    """
+    import hmac
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # one line per request would drown the console
+            pass
+
+        def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") in ("/v1/models", "/models"):
+                self._send(200, {"object": "list", "data": [{"id": "scene-oracle", "object": "model"}]})
+            else:
+                self._send(404, {"error": {"message": "not found"}})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                self._send(404, {"error": {"message": "not found"}})
+                return
+            if api_key is not None:
+                given = self.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                    oracle._count("refused")
+                    self._send(401, {"error": {"message": "invalid API key"}})
+                    return
+            try:
+                request = json.loads(raw)
+            except ValueError:
+                self._send(400, {"error": {"message": "the body is not JSON"}})
+                return
+            self._send(*oracle.answer(request))
+
+    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
