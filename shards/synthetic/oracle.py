@@ -209,7 +209,19 @@ def make_server(oracle: SceneOracle, port: int = 0, api_key: str | None = None):
             self.end_headers()
             self.wfile.write(data)
 
+        def _authorised(self) -> bool:
+            if api_key is None:
+                return True
+            given = self.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return True
+            oracle._count("refused")
+            self._send(401, {"error": {"message": "invalid API key"}})
+            return False
+
         def do_GET(self) -> None:
+            if not self._authorised():
+                return
             if self.path.rstrip("/") in ("/v1/models", "/models"):
                 self._send(200, {"object": "list", "data": [{"id": "scene-oracle", "object": "model"}]})
             else:
@@ -221,12 +233,8 @@ def make_server(oracle: SceneOracle, port: int = 0, api_key: str | None = None):
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 self._send(404, {"error": {"message": "not found"}})
                 return
-            if api_key is not None:
-                given = self.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                    oracle._count("refused")
-                    self._send(401, {"error": {"message": "invalid API key"}})
-                    return
+            if not self._authorised():
+                return
             try:
                 request = json.loads(raw)
             except ValueError:
