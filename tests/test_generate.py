@@ -264,3 +264,48 @@ def test_a_refused_key_stops_instead_of_failing_every_pair(synthetic, oracle, tm
     image = next((synthetic / "train").rglob("*.png"))
     with pytest.raises(EndpointRefused, match="http 401"):
         runner.run(Pair("p", str(image), str(image)))
+
+
+def test_mined_pairs_keep_k_neighbours_inside_the_band_seeded(synthetic, tmp_path):
+    from eval_fixtures import write_checkpoint
+
+    from cluster.root_config import load_config
+    from shards.generate.config import MiningConfig
+    from training.retrieval.bundle import export_bundle
+    from training.retrieval.mining import mine_pairs
+
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"cluster.storage_path={tmp_path / 'runs'}"])
+    export_bundle(write_checkpoint(config.run_dir, 10, config, seed=5), tmp_path / "bundle")
+    command = [
+        sys.executable,
+        str(REPO / "launch/index.py"),
+        "--bundle",
+        str(tmp_path / "bundle"),
+        "--images",
+        str(synthetic / "train"),
+        "--out",
+        str(tmp_path / "index"),
+        "index.workers=0",
+    ]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
+    assert built.returncode == 0, built.stderr[-2000:]
+
+    everything = MiningConfig(index=str(tmp_path / "index"), k=2, min_similarity=-1.0, max_similarity=1.0, candidates=8)
+    mined = mine_pairs(everything, progress=False)
+    images = sorted(str(path.resolve()) for path in (synthetic / "train").rglob("*.png"))
+    assert len(mined) == 2 * len(images)  # every image, k neighbours, never itself
+    assert all(pair.reference != pair.target for pair, _ in mined)
+    assert {pair.reference for pair, _ in mined} == set(images)
+    assert [pair for pair, _ in mine_pairs(everything, progress=False)] == [pair for pair, _ in mined]
+    reseeded = MiningConfig(index=everything.index, k=2, min_similarity=-1.0, max_similarity=1.0, candidates=8, seed=1)
+    assert [pair for pair, _ in mine_pairs(reseeded, progress=False)] != [pair for pair, _ in mined]
+
+    scores = sorted(score for _, score in mined)
+    low, high = scores[len(scores) // 4], scores[3 * len(scores) // 4]
+    band = MiningConfig(index=everything.index, k=2, min_similarity=low, max_similarity=high, candidates=8)
+    banded = mine_pairs(band, progress=False)
+    assert banded and all(low <= score <= high for _, score in banded)
+    per_image = {}
+    for pair, _ in banded:
+        per_image[pair.reference] = per_image.get(pair.reference, 0) + 1
+    assert max(per_image.values()) <= 2
