@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MASTER_ADDR := 127.0.0.1
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: install system-packages demo test lint clean
+.PHONY: install system-packages demo generate-demo test lint clean
 
 install: $(STAMP)
 
@@ -67,6 +67,17 @@ demo: $(STAMP)
 	@echo "tensorboard --logdir runs/demo/tensorboard"
 	@echo "search sheet:  runs/demo/search.png"
 	@echo "serve it:      .venv/bin/python launch/serve.py --index runs/demo/index   (then open http://127.0.0.1:8000)"
+
+# The data pipeline offline: the synthetic train pairs, described by the scene oracle (a VLM stand-in on 127.0.0.1,
+# 10 % faults), become data/synthetic_R (CIRR_R layout + manifest + trees). The oracle is stopped by its pid.
+generate-demo: $(STAMP)
+	test -f data/synthetic/objects.json || $(PY) launch/make_synthetic.py
+	mkdir -p runs && rm -f runs/oracle.port
+	$(PY) launch/scene_oracle.py --root data/synthetic --port 0 --port-file runs/oracle.port --fault-rate 0.1 & \
+	oracle=$$!; trap 'kill $$oracle' EXIT; \
+	for i in $$(seq 300); do [ -s runs/oracle.port ] && break; kill -0 $$oracle || exit 1; sleep 0.2; done; \
+	$(PY) launch/generate.py --config configs/generate_synthetic.yaml \
+		generate.endpoint=http://127.0.0.1:$$(cat runs/oracle.port)/v1
 
 clean:
 	rm -rf $(VENV) data/shards runs

@@ -4,9 +4,11 @@
   `RAY_ADDRESS` name a running cluster. The job's runtime env (`--working-dir .`) already lets the workers
   import this repository.
 - Otherwise a local Ray starts inside this process, bound to 127.0.0.1 (its dashboard too), and its workers get the
-  repository on PYTHONPATH. It ends with the driver. Unless `RAY_AUTH_MODE` says otherwise it uses token
-  authentication with a token that lives only in this process's environment: Ray's own default would write
-  `~/.ray/auth_token`, which then silently switches every later `ray start` on the machine to token auth.
+  repository on PYTHONPATH. It ends with the driver, also when the driver is killed: a watchdog process
+  (`cluster/ray_watchdog.py`) stops Ray's processes once the driver is gone. Unless `RAY_AUTH_MODE` says otherwise
+  it uses token authentication with a token that lives only in this process's environment: Ray's own default
+  would write `~/.ray/auth_token`, which then silently switches every later `ray start` on the machine to token
+  auth.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,6 +81,7 @@ def connect(cluster: ClusterConfig) -> str:
         return f"joined the Ray cluster at {address}"
     needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    children_before = _child_pids()
     ray.init(
         _node_ip_address=LOOPBACK,
         # The dashboard serves Ray's State API, which Ray Train polls to watch its controller (without it every
@@ -90,7 +94,29 @@ def connect(cluster: ClusterConfig) -> str:
         runtime_env={"env_vars": {"PYTHONPATH": python_path}},
         logging_level=logging.WARNING,
     )
+    _start_watchdog(sorted(_child_pids() - children_before))
     return f"started a local Ray on {LOOPBACK} (stops when this process ends)"
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children()}
+
+
+_watchdog: subprocess.Popen | None = None
+
+
+def _start_watchdog(ray_pids: list[int]) -> None:
+    """Start the process that stops the private Ray (the trees under `ray_pids`) once this driver is gone.
+
+    In its own session, so that a Ctrl-C or a signal to the driver's process group does not stop it before the
+    cleanup. It exits by itself after the driver.
+    """
+    global _watchdog
+    script = Path(__file__).with_name("ray_watchdog.py")
+    command = [sys.executable, str(script), str(os.getpid()), *map(str, ray_pids)]
+    _watchdog = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 def _free_port() -> int:

@@ -4,6 +4,8 @@ Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before calling the work
 listening on MASTER_ADDR only (`StoreOnMasterAddr`). On a worker failure Ray
 restarts the whole group up to `cluster.max_failures` times; each restarted worker resumes from the run's latest
 complete checkpoint on the shared storage, so Ray itself never holds training state (nothing is reported to it).
+An error that a restart would meet again ends the job at once (`cluster/failure_policy.py`). The driver owns the run
+while it trains (`training.checkpoint.owner_lease`): workers whose driver is gone publish no checkpoint.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import logging
 import os
 from pathlib import Path
 
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
+from cluster.failure_policy import PermanentFirstTorchTrainer, log_permanent_errors_in_one_line, permanent_error
 from cluster.progress import MetricsProgress
 from cluster.rendezvous import bind_store_to_master_addr
+from cluster.resources import record_placement, resource_wait, worker_resources
 from cluster.root_config import RootConfig
 from shards.storage import is_url
+from training.checkpoint import owner_lease
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +58,11 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 
     from training.trainer.worker import train_worker
 
+    log_permanent_errors_in_one_line()
     local_rank = ray.train.get_context().get_local_rank()
-    train_worker(loop_config["config"], local_rank=local_rank, console=loop_config.get("console", True))
+    record_placement(loop_config["config"].run_dir, ray.train.get_context().get_world_rank())
+    config, console, owner = loop_config["config"], loop_config.get("console", True), loop_config["owner"]
+    train_worker(config, local_rank=local_rank, console=console, owner=owner)
 
 
 def resolve_storage(config: RootConfig) -> RootConfig:
@@ -77,26 +85,29 @@ def resolve_storage(config: RootConfig) -> RootConfig:
     return config
 
 
-def build_trainer(config: RootConfig, console: bool = True) -> TorchTrainer:
+def build_trainer(config: RootConfig, console: bool = True, owner: str | None = None) -> TorchTrainer:
     """The TorchTrainer for `config` (its storage path must already be absolute: see `resolve_storage`).
 
-    `console=False`: rank 0 prints no step lines (the driver shows a progress bar instead)."""
+    `console=False`: rank 0 prints no step lines (the driver shows a progress bar instead). `owner`: the token of
+    the driver's lease on the run (`training.checkpoint.owner_lease.held`)."""
     cluster = config.cluster
     if not Path(cluster.storage_path).is_absolute():
         raise ValueError(f"cluster.storage_path={cluster.storage_path!r} must be absolute here")
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    return TorchTrainer(
+    return PermanentFirstTorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"config": config, "console": console},
+        train_loop_config={"config": config, "console": console, "owner": owner},
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
-            resources_per_worker={"CPU": cluster.cpus_per_worker} | ({"GPU": 1} if cluster.use_gpu else {}),
+            resources_per_worker=worker_resources(cluster),
+            placement_strategy=cluster.placement_strategy,
         ),
         run_config=RunConfig(
             name=cluster.run_name,
             storage_path=cluster.storage_path,
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            # A group that cannot start within cluster.resource_wait_s ends the job (cluster/resources.py).
+            failure_config=FailureConfig(max_failures=cluster.max_failures, controller_failure_limit=0),
             worker_runtime_env={"env_vars": env_vars},
         ),
         torch_config=StoreOnMasterAddr(backend="nccl" if cluster.use_gpu else "gloo"),
@@ -107,10 +118,22 @@ def run_training(config: RootConfig) -> Path:
     """Run the training job to the end (Ray must be connected). Returns the run directory.
 
     Raises:
+        training.errors.PermanentError: a worker failed in a way a restart would repeat (not retried).
         ray.train.TrainingFailedError: the worker group failed more than `cluster.max_failures` times.
+        cluster.resources.ResourceWaitExpired: the workers' resources did not appear within `cluster.resource_wait_s`.
     """
     config = resolve_storage(config)
-    trainer = build_trainer(config, console=False)
-    with MetricsProgress(config.run_dir, config.train.steps, config.train.global_batch):
-        trainer.fit()
+    with owner_lease.held(config.run_dir) as owner:
+        trainer = build_trainer(config, console=False, owner=owner)
+        try:
+            with (
+                MetricsProgress(config.run_dir, config.train.steps, config.train.global_batch),
+                resource_wait(config.cluster),
+            ):
+                trainer.fit()
+        except TrainingFailedError as failure:
+            permanent = permanent_error(failure)
+            if permanent is None:
+                raise
+            raise permanent from None  # the worker's own one-line message; Ray's wrapper adds only a traceback
     return config.run_dir

@@ -53,9 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
 
     print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
+    from cluster.resources import RESOURCE_WAIT_EXIT, ResourceWaitExpired
     from cluster.trainer import run_training
+    from training.errors import PermanentError
 
-    run_dir = run_training(config)
+    try:
+        run_dir = run_training(config)
+    except ResourceWaitExpired as error:
+        print(f"cluster error: {error}", file=sys.stderr)
+        return RESOURCE_WAIT_EXIT
+    except PermanentError as error:  # Ray did not retry it: a restart would fail the same way
+        print(f"train error: {error}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     print(f"run directory: {run_dir}")
     print(f"checkpoints:   {run_dir / 'checkpoints'}")
     print(f"tensorboard --logdir {run_dir / 'tensorboard'}")

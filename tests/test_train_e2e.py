@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from dist_harness import free_port, is_loopback, listening_hosts
+from run_records import data_digest, start_events, starts, trajectory
 from shard_fixtures import write_shard_set
 
 from training.checkpoint import layout
@@ -137,27 +138,6 @@ def submit(address: str, workspace: Path, run_name: str, *overrides: str):
     command = submit_command(address, workspace, run_name, *overrides)
     done = subprocess.run(command, capture_output=True, text=True, timeout=480, cwd=REPO_ROOT, env=_ray_env())
     return done.returncode, done.stdout + done.stderr
-
-
-def trajectory(run_dir: Path) -> list[tuple]:
-    records = read_metrics(run_dir)
-    return [(step, records[step]["loss"], records[step]["digest"], records[step]["lr"]) for step in sorted(records)]
-
-
-def start_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [record for record in map(json.loads, lines) if record.get("event") == "start"]
-
-
-def data_digest(run_dir: Path) -> str:
-    """Every rank's sample keys up to the final checkpoint, combined (rank 0's alone are in the trajectory)."""
-    state = json.loads((layout.checkpoint_dir(run_dir, STEPS) / layout.TRAINER_STATE).read_text())
-    return state["train"]["data_digest"]
-
-
-def starts(run_dir: Path) -> list[int]:
-    return [record["from_step"] for record in start_events(run_dir)]
 
 
 @pytest.fixture(scope="module")

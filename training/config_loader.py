@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from training.errors import PermanentError
+
 Schema = TypeVar("Schema")
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A config that must not start a job. The message names the key path and the file."""
 
 

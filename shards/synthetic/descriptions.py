@@ -75,4 +75,3 @@ def describe(scene: Scene) -> Description:
         key=lambda phrase: (phrase.char_start, -len(phrase.text)),
     )
     return Description(" ".join(leaves(tree)), bracket(tree), tuple(phrases))
-

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from training.checkpoint import layout, watch_lease
-from training.checkpoint.pieces import FilePiece, Stateful
+from training.checkpoint.pieces import CheckpointLoadError, FilePiece, Stateful
 from training.engine.distributed import all_gather_json, barrier, rank_and_world
+from training.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class Checkpointer:
         files: pieces that write their own files (saved and loaded in this order).
         per_rank: JSON pieces every rank holds its own of (a reader position, RNG streams).
         per_run: JSON pieces equal on every rank, stored once (the train state).
+        may_publish: called on rank 0 just before a written checkpoint is published; it raises to refuse (the
+            driver that owns the run is gone: `training.checkpoint.owner_lease.check`). None: always publish.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Checkpointer:
         files: Mapping[str, FilePiece],
         per_rank: Mapping[str, Stateful],
         per_run: Mapping[str, Stateful],
+        may_publish: Callable[[], None] | None = None,
     ) -> None:
         clash = [name for name in per_run if name in _RESERVED]
         if clash:
@@ -56,6 +60,7 @@ class Checkpointer:
         self.files = dict(files)
         self.per_rank = dict(per_rank)
         self.per_run = dict(per_run)
+        self.may_publish = may_publish
 
     def save(self, step: int) -> Path:
         """Write every piece for `step`, then publish the checkpoint (marker, `latest`) and prune old ones.
@@ -91,6 +96,8 @@ class Checkpointer:
             raise _failed_write(path, writing, rank, error) from error
         barrier()  # every rank's files are on storage before the marker says so
         if rank == 0:
+            if self.may_publish is not None:
+                self.may_publish()  # last, so that nothing is published once the owner has gone
             layout.mark_complete(path, f"step {step}\n")
             layout.update_latest_pointer(self.run_dir, step)
             prune(self.run_dir, self.keep)
@@ -102,25 +109,25 @@ class Checkpointer:
         """Load every piece of a complete checkpoint back into this rank.
 
         Raises:
-            ValueError: the checkpoint is incomplete, of an unknown version, lacks a piece, or was written by a
-                different number of ranks.
+            CheckpointLoadError: the checkpoint is incomplete, of an unknown version, lacks a piece, was written by
+                a different number of ranks, or has an unreadable engine state.
         """
         path = Path(path)
         if not layout.is_complete(path):
-            raise ValueError(f"refusing to load incomplete checkpoint {path} (no {layout.MARKER} marker)")
+            raise CheckpointLoadError(f"refusing to load incomplete checkpoint {path} (no {layout.MARKER} marker)")
         rank, world = rank_and_world()
         saved = json.loads((path / layout.TRAINER_STATE).read_text())
         if saved.get("version") != TRAINER_STATE_VERSION:
-            raise ValueError(f"{path / layout.TRAINER_STATE}: unknown version {saved.get('version')}")
+            raise CheckpointLoadError(f"{path / layout.TRAINER_STATE}: unknown version {saved.get('version')}")
         if saved["world_size"] != world:
-            raise ValueError(
+            raise CheckpointLoadError(
                 f"{path} was written by {saved['world_size']} ranks, this run has {world}: an exact resume needs the "
                 "same cluster.num_workers (or start a new run with model.init_from=<checkpoint>/model.safetensors)"
             )
         mine = saved["ranks"][rank]
         missing = [name for name in self.per_run if name not in saved] + [n for n in self.per_rank if n not in mine]
         if missing:
-            raise ValueError(f"{path / layout.TRAINER_STATE} lacks the piece(s) {missing}")
+            raise CheckpointLoadError(f"{path / layout.TRAINER_STATE} lacks the piece(s) {missing}")
         for piece in self.files.values():
             piece.load(path)
         for name, piece in self.per_rank.items():
@@ -129,8 +136,11 @@ class Checkpointer:
             piece.load_state_dict(saved[name])
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a lost mount). Its partial files are already removed."""
+class CheckpointWriteError(PermanentError, OSError):
+    """A checkpoint could not be written (a full disk, a lost mount). Its partial files are already removed.
+
+    Permanent: the next attempt would write the same checkpoint to the same storage; the user frees space first.
+    """
 
 
 def _failed_write(path: Path, writing: str, rank: int, error: OSError) -> CheckpointWriteError:

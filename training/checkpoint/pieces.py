@@ -19,6 +19,14 @@ import numpy as np
 import torch
 
 from training.checkpoint import layout
+from training.errors import PermanentError
+
+
+class CheckpointLoadError(PermanentError, ValueError):
+    """The latest complete checkpoint cannot be resumed from (unreadable, or written by another job shape).
+
+    Every restart would pick the same checkpoint again; the message says which one and what to do.
+    """
 
 
 class Stateful(Protocol):
@@ -77,9 +85,22 @@ class EngineState:
         self.engine.save_checkpoint(str(directory), tag=layout.DEEPSPEED, save_latest=False)
 
     def load(self, directory: Path) -> None:
-        loaded, _ = self.engine.load_checkpoint(str(directory), tag=layout.DEEPSPEED)
+        engine_dir = directory / layout.DEEPSPEED
+        try:
+            loaded, _ = self.engine.load_checkpoint(str(directory), tag=layout.DEEPSPEED)
+        except OSError:
+            raise  # storage trouble (a lost mount, a timeout) may pass: a restart reads it again
+        except Exception as error:  # a truncated or foreign file: torch and DeepSpeed raise many kinds
+            problem = (str(error).strip().splitlines() or [""])[0].split(". ")[0]  # torch adds a paragraph of advice
+            raise CheckpointLoadError(
+                f"{engine_dir}: the DeepSpeed engine state is unreadable ({type(error).__name__}: {problem}); "
+                f"move {directory.name} out of {directory.parent} to resume from the checkpoint before it"
+            ) from error
         if loaded is None:
-            raise ValueError(f"DeepSpeed found no engine state under {directory / layout.DEEPSPEED}")
+            raise CheckpointLoadError(
+                f"DeepSpeed found no engine state under {engine_dir}; move {directory.name} out of "
+                f"{directory.parent} to resume from the checkpoint before it"
+            )
 
 
 class ConsolidatedWeights:

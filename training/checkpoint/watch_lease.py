@@ -4,18 +4,14 @@ A watching eval job keeps `<run>/eval/watch_lease.json` fresh, `{"heartbeat": <e
 "through": <newest step scored, -1 for none>, "pid", "host"}`. While the heartbeat is younger than L, pruning keeps
 every complete checkpoint after `through` (the watcher scores oldest first), so a watcher slower than the trainer
 still scores every checkpoint. A watcher that dies stops renewing its lease; once it is stale, pruning goes back to
-`checkpoint.keep`.
+`checkpoint.keep`. The file is a `training.checkpoint.lease`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 from pathlib import Path
 
-from training.checkpoint import layout
+from training.checkpoint import lease
 
 LEASE_FILE = "watch_lease.json"
 LEASE_SECONDS = 300.0
@@ -28,16 +24,7 @@ def lease_path(run_dir: str | Path) -> Path:
 
 def write_lease(run_dir: str | Path, through: int, lease_seconds: float = LEASE_SECONDS) -> None:
     """Claim (or renew the claim on) every checkpoint after step `through`."""
-    path = lease_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lease = {
-        "heartbeat": time.time(),
-        "lease_seconds": lease_seconds,
-        "through": through,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-    }
-    layout.write_atomically(path, json.dumps(lease) + "\n")
+    lease.write(lease_path(run_dir), lease_seconds, through=through)
 
 
 def release(run_dir: str | Path) -> None:
@@ -47,8 +34,7 @@ def release(run_dir: str | Path) -> None:
 def claimed_after(run_dir: str | Path, now: float | None = None) -> int | None:
     """The step after which a live watcher claims every checkpoint, or None (no watcher, a stale or bad lease)."""
     try:
-        lease = json.loads(lease_path(run_dir).read_text())
-        fresh = (time.time() if now is None else now) - float(lease["heartbeat"]) < float(lease["lease_seconds"])
-        return int(lease["through"]) if fresh else None
+        claim = lease.read(lease_path(run_dir))
+        return int(claim["through"]) if claim is not None and lease.is_fresh(claim, now) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None

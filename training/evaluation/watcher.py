@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import layout, watch_lease
+from training.checkpoint import layout, lease, watch_lease
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +89,8 @@ class CheckpointWatcher:
         self.sleep = sleep
         self.lease_seconds = lease_seconds
 
-    def _hold_lease(self, stop: threading.Event) -> None:
-        while not stop.wait(self.lease_seconds / 10):
-            try:
-                watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)
-            except OSError as error:  # shared storage hiccup: the next beat retries; a stale lease only prunes
-                logger.warning("could not renew the watch lease: %s", error)
+    def _renew_lease(self) -> None:
+        watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)
 
     def finished(self) -> bool:
         """True once the stop condition is met by a scored checkpoint."""
@@ -145,20 +140,17 @@ class CheckpointWatcher:
         """Poll until the stop condition (or `max_scans` scans); returns the steps evaluated by this watcher."""
         evaluated: list[int] = []
         scans = 0
-        stop = threading.Event()
-        heartbeat = threading.Thread(target=self._hold_lease, args=(stop,), name="watch-lease", daemon=True)
-        watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)
-        heartbeat.start()
+        self._renew_lease()
+        # A stale lease only lets pruning go back to checkpoint.keep, so a failed renewal is just logged.
         try:
-            while not self.finished():
-                evaluated += self.scan_once()
-                scans += 1
-                if self.finished() or (max_scans is not None and scans >= max_scans):
-                    break
-                self.sleep(self.poll_seconds)
+            with lease.Renewal(self._renew_lease, self.lease_seconds / 10, name="watch lease"):
+                while not self.finished():
+                    evaluated += self.scan_once()
+                    scans += 1
+                    if self.finished() or (max_scans is not None and scans >= max_scans):
+                        break
+                    self.sleep(self.poll_seconds)
         finally:
-            stop.set()
-            heartbeat.join()
             watch_lease.release(self.run_dir)
         if self.finished():
             logger.info("watch finished: the stop step is scored (done: %s)", sorted(self.state.done))

@@ -18,12 +18,13 @@ from shards.stream.decode import DATA_PROBLEMS
 from training.checkpoint.checkpointer import Checkpointer
 from training.engine.deepspeed_engine import local_grad_norm
 from training.engine.distributed import all_reduce_sum, chain_digests, rank_and_world
+from training.errors import PermanentError
 from training.trainer.job import TrainJob
 from training.trainer.state import TrainState
 
 
-class NonFiniteAbort(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+class NonFiniteAbort(PermanentError, RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (a restart resumes exactly, so it replays them)."""
 
 
 @dataclass

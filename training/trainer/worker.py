@@ -7,16 +7,18 @@ import dataclasses
 import logging
 import os
 import random
+from functools import partial
 
 import numpy as np
 import torch
 
-from training.checkpoint import layout
+from training.checkpoint import layout, owner_lease
 from training.checkpoint.checkpointer import Checkpointer
 from training.checkpoint.pieces import ConsolidatedWeights, EngineState, ResolvedConfig, RngState
 from training.config_loader import to_yaml
 from training.engine.deepspeed_engine import build_engine, deepspeed_config
 from training.engine.distributed import rank_and_world
+from training.errors import PermanentError
 from training.model.towers import with_tower_flags
 from training.monitor.run_monitor import Monitor
 from training.trainer.job import TrainJob
@@ -24,6 +26,10 @@ from training.trainer.loop import LoopContext, run
 from training.trainer.state import TrainState
 
 logger = logging.getLogger(__name__)
+
+
+class WorldSizeMismatch(PermanentError, ValueError):
+    """The process group Ray built is not the size the config asks for (every restart builds the same one)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -52,8 +58,13 @@ def build_monitor(
     )
 
 
-def build_checkpointer(config: TrainJob, engine, model: torch.nn.Module, reader, state: TrainState) -> Checkpointer:
-    """The run's checkpoints as named pieces: engine (model, AdamW, schedule), weights, config, reader, RNG, train."""
+def build_checkpointer(
+    config: TrainJob, engine, model: torch.nn.Module, reader, state: TrainState, owner: str | None = None
+) -> Checkpointer:
+    """The run's checkpoints as named pieces: engine (model, AdamW, schedule), weights, config, reader, RNG, train.
+
+    `owner`: the token of the driver's lease on the run; checkpoints are published only while it holds.
+    """
     return Checkpointer(
         config.run_dir,
         config.checkpoint.keep,
@@ -64,6 +75,7 @@ def build_checkpointer(config: TrainJob, engine, model: torch.nn.Module, reader,
         },
         per_rank={"reader": reader, "rng": RngState()},
         per_run={"train": state},
+        may_publish=None if owner is None else partial(owner_lease.check, config.run_dir, owner),
     )
 
 
@@ -78,20 +90,26 @@ def build_objective(config: TrainJob) -> torch.nn.Module:
     return ConTextObjective(config.model, config.loss)
 
 
-def train_worker(config: TrainJob, local_rank: int | None = None, console: bool = True) -> TrainState:
+def train_worker(
+    config: TrainJob, local_rank: int | None = None, console: bool = True, owner: str | None = None
+) -> TrainState:
     """Train this rank until `train.steps`, resuming from the run's latest complete checkpoint when there is one.
 
     Args:
         config: the validated config (same on every rank).
         local_rank: this rank's GPU index on its node; defaults to `$LOCAL_RANK` or 0.
         console: print a step line every `logging.every` steps (off when the driver draws a progress bar).
+        owner: the token of the driver's lease on the run (`training.checkpoint.owner_lease`); None when nothing
+            owns it (a test calling this directly).
 
     Returns:
         The final `TrainState`.
 
     Raises:
-        ValueError: the process group's size differs from `cluster.num_workers`.
+        WorldSizeMismatch: the process group's size differs from `cluster.num_workers`.
         training.trainer.loop.NonFiniteAbort: `train.max_consecutive_skips` non-finite steps in a row.
+        training.checkpoint.owner_lease.OwnerGone: the driver that owns the run is gone; nothing is published.
+        training.errors.PermanentError: these and every other failure that a restart would meet again.
     """
     # Our own progress at INFO; libraries (open_clip narrates every model it builds) only from WARNING.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")  # a no-op where Ray set up handlers
@@ -101,7 +119,7 @@ def train_worker(config: TrainJob, local_rank: int | None = None, console: bool 
     config = dataclasses.replace(config, model=with_tower_flags(config.model))  # checkpoints record the flags
     rank, world = rank_and_world()
     if world != config.world_size:
-        raise ValueError(f"the process group has {world} ranks but cluster.num_workers={config.world_size}")
+        raise WorldSizeMismatch(f"the process group has {world} ranks but cluster.num_workers={config.world_size}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     os.environ["LOCAL_RANK"] = str(local_rank)
     if config.use_gpu:
@@ -126,7 +144,7 @@ def train_worker(config: TrainJob, local_rank: int | None = None, console: bool 
     reader = build_reader(config.data, config.model.backbone, config.train.micro_batch, rank, world)
     seed_everything(config.train.seed + 1 + rank)  # per-rank streams from here on
     state = TrainState()
-    checkpointer = build_checkpointer(config, engine, objective.model, reader, state)
+    checkpointer = build_checkpointer(config, engine, objective.model, reader, state, owner)
     if resume is not None:
         checkpointer.load(resume[1])
         logger.info("resumed from %s at step %d", resume[1], state.step)
