@@ -32,12 +32,18 @@ logger = logging.getLogger(__name__)
 RAY_WORKER_ERROR_LOGGER = "ray.train.v2._internal.util"
 
 
-def permanent_error(failure: BaseException) -> PermanentError | None:
+def is_permanent(error: BaseException) -> bool:
+    """A `PermanentError`, or an error that says so itself (`shards.storage.ShardStorageError.permanent`: a shard
+    that is gone or forbidden, which the data layer below `training` reports without knowing the class)."""
+    return isinstance(error, PermanentError) or getattr(error, "permanent", False) is True
+
+
+def permanent_error(failure: BaseException) -> BaseException | None:
     """The lowest rank's permanent error in a failed run, or None when a restart could help."""
     if not isinstance(failure, WorkerGroupError):
         return None
     for _, error in sorted(failure.worker_failures.items()):
-        if isinstance(error, PermanentError):
+        if is_permanent(error):
             return error
     return None
 
@@ -70,7 +76,7 @@ class _PermanentErrorsInOneLine(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = sys.exc_info()[1]
-        if isinstance(error, PermanentError) and record.levelno >= logging.ERROR:
+        if error is not None and is_permanent(error) and record.levelno >= logging.ERROR:
             record.msg, record.args = "%s: %s", (type(error).__name__, error)
         return True
 

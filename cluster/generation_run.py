@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from cluster.root_config import RootConfig
 from shards.generate.pairs import Pair, PairResult
@@ -71,6 +72,14 @@ def _common_root(pairs: list[Pair]) -> Path:
     return Path(os.path.commonpath([path for pair in pairs for path in (pair.reference, pair.target)])).parent
 
 
+def without_credentials(url: str) -> str:
+    """`url` without a `user:password@` part, for records and messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def check_endpoint(endpoint: str, api_key: str | None) -> None:
     """Ask `<endpoint>/models` once, so that a wrong URL or key stops the run before any pair is sent."""
     import requests
@@ -79,9 +88,13 @@ def check_endpoint(endpoint: str, api_key: str | None) -> None:
     try:
         response = requests.get(endpoint.rstrip("/") + "/models", headers=headers, timeout=30)
     except requests.RequestException as error:
-        raise GenerateError(f"generate.endpoint={endpoint} cannot be reached ({type(error).__name__})") from None
+        shown = without_credentials(endpoint)
+        raise GenerateError(f"generate.endpoint={shown} cannot be reached ({type(error).__name__})") from None
+    shown = without_credentials(endpoint)
     if response.status_code in (401, 403):
-        raise GenerateError(f"generate.endpoint={endpoint} refused the API key (http {response.status_code})")
+        raise GenerateError(f"generate.endpoint={shown} refused the API key (http {response.status_code})")
+    if response.status_code == 404:
+        raise GenerateError(f"generate.endpoint={shown} has no /models: not an OpenAI-compatible base URL (try .../v1)")
 
 
 def run(job: GenerateJob) -> dict[str, Any]:
@@ -124,7 +137,7 @@ def run(job: GenerateJob) -> dict[str, Any]:
     summary = summarize(results, (generate.price_prompt_per_million, generate.price_completion_per_million))
     summary.update(
         split=generate.split,
-        endpoint=generate.endpoint,
+        endpoint=without_credentials(generate.endpoint),
         model=generate.model,
         prompt_version=results[0].prompt_version if results else None,
         wall_s=round(time.monotonic() - started, 1),

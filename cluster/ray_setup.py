@@ -46,7 +46,9 @@ def relative_path_problem(cluster: ClusterConfig, paths: dict[str, str]) -> str 
     if cluster_address(cluster) is None:
         return None
     relative = [
-        f"{key}={value}" for key, value in paths.items() if value and not is_url(value) and not Path(value).is_absolute()
+        f"{key}={value}"
+        for key, value in paths.items()
+        if value and not is_url(value) and not Path(value).is_absolute()
     ]
     if not relative:
         return None

@@ -65,9 +65,7 @@ def towers_digest(config: RootConfig) -> str:
         ),
     )
     text = to_yaml(relevant)
-    kept = "\n".join(
-        block for block in _top_level_blocks(text) if block.split(":", 1)[0] not in IRRELEVANT_SECTIONS
-    )
+    kept = "\n".join(block for block in _top_level_blocks(text) if block.split(":", 1)[0] not in IRRELEVANT_SECTIONS)
     placement = f"\nworkers: {config.cluster.num_workers}, gpu: {config.cluster.use_gpu}"  # negatives, precision
     digest = hashlib.sha256()
     digest.update(index_bytes)

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         pending = [cell for cell in sweep if cell.run_name not in done]
         # Every cell's config is checked before anything starts.
-        configs = [load_config(args.config, [*args.overrides, *cell.overrides(args.steps, args.towers)]) for cell in pending]
+        configs = [
+            load_config(args.config, [*args.overrides, *cell.overrides(args.steps, args.towers)]) for cell in pending
+        ]
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT

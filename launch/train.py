@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
     from cluster.resources import RESOURCE_WAIT_EXIT, ResourceWaitExpired
     from cluster.trainer import run_training
+    from shards.storage import ShardStorageError
     from training.errors import PermanentError
 
     try:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResourceWaitExpired as error:
         print(f"cluster error: {error}", file=sys.stderr)
         return RESOURCE_WAIT_EXIT
-    except PermanentError as error:  # Ray did not retry it: a restart would fail the same way
+    except (PermanentError, ShardStorageError) as error:  # not retried: a restart would fail the same way
         print(f"train error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     print(f"run directory: {run_dir}")

@@ -21,7 +21,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,14 +36,32 @@ class ShardStorageError(RuntimeError):
     """A shard or index could not be read or written; the message names the URL or path.
 
     Deliberately not an OSError: a reader counts OSErrors inside a tar as a truncated shard and goes on, while a
-    store that refuses every read must stop the job with its reason.
+    store that refuses every read must stop the job with its reason. `permanent` (no such object, no permission)
+    tells the cluster's failure policy that restarting the workers cannot help; an outage that outlasted the
+    retries may be over by the next attempt.
     """
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def is_url(location: str) -> bool:
     """True for `scheme://...` (and fsspec chains `a::b://...`); a Windows drive letter is not a scheme."""
     head, separator, _ = location.partition("://")
     return bool(separator) and len(head) > 1
+
+
+def _permanent(error: BaseException) -> bool:
+    """No such object, no permission, or an http answer in 4xx other than 408/429 (fsspec raises aiohttp's
+    `ClientResponseError` for every status but 404)."""
+    cause = error.__cause__
+    if isinstance(error, FileNotFoundError) and cause is not None and not isinstance(cause, FileNotFoundError):
+        return _permanent(cause)  # fsspec's http `info` reports every failure as "not found"; the cause tells
+    if isinstance(error, PERMANENT_ERRORS):
+        return True
+    status = getattr(error, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -63,7 +80,7 @@ class ShardStore:
     """A shard set's location plus how to reach it; picklable, so loader processes get their own copy."""
 
     location: str
-    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
     """fsspec storage options (`data.storage_options`)."""
     retries: int = 5
     """Attempts after the first on a transient error."""
@@ -79,7 +96,7 @@ class ShardStore:
     @property
     def listable(self) -> bool:
         """Object stores list a prefix in one request; a plain http(s) server has no listing to trust."""
-        return self.remote and not self.location.startswith(("http://", "https://"))
+        return self.remote and not self.location.rsplit("::", 1)[-1].startswith(("http://", "https://"))
 
     def where(self, name: str = "") -> str:
         """The URL or path of `name` in the store, for messages and fsspec."""
@@ -100,9 +117,12 @@ class ShardStore:
         for attempt in range(self.retries + 1):
             try:
                 return action()
-            except PERMANENT_ERRORS as error:
-                raise ShardStorageError(f"{what}: {type(error).__name__}: {error}") from error
             except transient as error:
+                if _permanent(error):
+                    cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+                    raise ShardStorageError(
+                        f"{what}: {type(error).__name__}: {error}{cause}", permanent=True
+                    ) from error
                 if attempt == self.retries:
                     raise ShardStorageError(
                         f"{what}: {type(error).__name__}: {error} (gave up after {self.retries + 1} attempts)"
@@ -113,19 +133,44 @@ class ShardStore:
         raise AssertionError("unreachable")
 
     def exists(self, name: str) -> bool:
+        """Whether `name` is there. An error that is not "no such object" is retried, then raised: an outage must
+        never read as a missing shard."""
         if not self.remote:
             return Path(self.where(name)).is_file()
         filesystem, root = self._fs()
-        return bool(self._retry(f"checking {self.where(name)}", lambda: filesystem.isfile(f"{root}/{name}")))
+
+        def probe() -> bool:
+            try:
+                filesystem.info(f"{root}/{name}")
+            except FileNotFoundError as error:
+                if _permanent(error):
+                    return False
+                raise error.__cause__ from None  # a transient failure in disguise: retried
+            return True
+
+        return bool(self._retry(f"checking {self.where(name)}", probe))
 
     def read_bytes(self, name: str) -> bytes:
         """The whole of a small object (an index, a sidecar); FileNotFoundError when absent."""
         if not self.remote:
             return Path(self.where(name)).read_bytes()
         filesystem, root = self._fs()
-        if not self.exists(name):
+        absent = False
+
+        def fetch() -> bytes:
+            nonlocal absent
+            try:
+                return filesystem.cat_file(f"{root}/{name}")
+            except FileNotFoundError as error:
+                if not _permanent(error):
+                    raise error.__cause__ from None  # a transient failure in disguise: retried
+                absent = True
+                return b""
+
+        data = self._retry(f"reading {self.where(name)}", fetch)
+        if absent:
             raise FileNotFoundError(self.where(name))
-        return self._retry(f"reading {self.where(name)}", lambda: filesystem.cat_file(f"{root}/{name}"))
+        return data
 
     def open(self, name: str) -> BinaryIO:
         """A seekable binary reader of `name`: a plain file locally, ranged and retried remotely."""
@@ -230,20 +275,30 @@ class RangedReader:
         self.close()
 
 
-@lru_cache(maxsize=256)
-def member_offsets(store: ShardStore, shard: str) -> tuple[int, ...] | None:
-    """Byte offset of each sample in `shard`, from its build sidecar; None when the sidecar is absent or older.
+_OFFSETS: dict[tuple[str, str, str], tuple[int, ...]] = {}
+
+
+def member_offsets(store: ShardStore, shard: str, sha256: str) -> tuple[int, ...] | None:
+    """Byte offset of each sample in `shard`, from its build sidecar, when the sidecar describes this very shard
+    (its sha256 is the index's); None otherwise (no sidecar, an older one, another build's, or unreadable).
 
     With them a slot starting at sample k seeks straight there instead of reading the k headers before it (one
-    range request each on an object store). Cached per process: shards are immutable once published.
+    range request each on an object store). Found offsets are kept per process, keyed by the shard's sha256; a
+    failure is not kept, so the next piece asks again.
     """
+    key = (store.location, shard, sha256)
+    if key in _OFFSETS:
+        return _OFFSETS[key]
     try:
         payload = json.loads(store.read_bytes(shard + SIDECAR_SUFFIX))
-    except (FileNotFoundError, ShardStorageError, ValueError):
+    except (OSError, ShardStorageError, ValueError):
         return None
-    offsets = payload.get("offsets") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("sha256") != sha256:
+        return None
+    offsets = payload.get("offsets")
     if not isinstance(offsets, list) or not all(isinstance(value, int) for value in offsets):
         return None
     if len(offsets) != payload.get("count"):
         return None
-    return tuple(offsets)
+    _OFFSETS[key] = tuple(offsets)
+    return _OFFSETS[key]

@@ -73,12 +73,14 @@ class Served:
 class RangeServer:
     """Serves the files of `root` over http with single byte ranges, as object stores do.
 
-    `fail` maps a path to how many of its next GETs answer 503; every request is appended to `log`.
+    `fail` maps a path to how many of its next GETs answer 503, `forbid` holds paths that answer 403; every request
+    is appended to `log`.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.fail: dict[str, int] = {}
+        self.forbid: set[str] = set()
         self.log: list[Served] = []
         server = self
 
@@ -99,6 +101,10 @@ class RangeServer:
                     server.fail[name] -= 1
                     server.log.append(Served(self.command, name, None, 0, 503))
                     self.send_error(503)
+                    return
+                if name in server.forbid:
+                    server.log.append(Served(self.command, name, None, 0, 403))
+                    self.send_error(403)
                     return
                 if ".." in name or not file.is_file():
                     server.log.append(Served(self.command, name, None, 0, 404))

@@ -176,7 +176,9 @@ def test_unusable_checkpoints_end_in_one_eval_error_line(tmp_path, roots, capsys
     tagged.write_text("x: !!python/object/apply:os.system [echo]\n" + tagged.read_text())
     for broken in (truncated, tagged):
         capsys.readouterr()
-        assert main(["--config", TINY, "--checkpoint", str(broken.parent), "--benchmarks", "synthetic", *overrides]) == 2
+        assert (
+            main(["--config", TINY, "--checkpoint", str(broken.parent), "--benchmarks", "synthetic", *overrides]) == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("eval error:") and str(broken) in err[0], err
 

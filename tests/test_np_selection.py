@@ -21,8 +21,7 @@ from shards.model_inputs import TINY_BACKBONE
 
 NESTED_CAPTION = "the cube with a hat is a ball"
 NESTED_TREE = (
-    "(ROOT (S (NP (NP (DT the) (NN cube)) (PP (IN with) (NP (DT a) (NN hat)))) "
-    "(VP (VBZ is) (NP (DT a) (NN ball)))))"
+    "(ROOT (S (NP (NP (DT the) (NN cube)) (PP (IN with) (NP (DT a) (NN hat)))) (VP (VBZ is) (NP (DT a) (NN ball)))))"
 )
 
 

@@ -136,14 +136,28 @@ def test_a_slot_starting_mid_shard_reads_from_its_first_sample_by_range(local_se
     shard = index.shards[1]
     with RangeServer(local_set) as server:
         store = ShardStore(server.url)
-        offsets = member_offsets(store, shard.name)
+        assert member_offsets(store, shard.name, "the sha256 of another build") is None
+        offsets = member_offsets(store, shard.name, shard.sha256)
         assert offsets is not None and len(offsets) == shard.count and offsets[0] == 0
-        records = list(read_records(store, [Piece(shard.name, 3, 5)], _raise))
+        records = list(read_records(store, [Piece(shard.name, 3, 5)], _raise, digests={shard.name: shard.sha256}))
         gets = [served for served in server.log if served.method == "GET" and served.path == shard.name]
     local = list(read_records(ShardStore(str(local_set)), [Piece(shard.name, 3, 5)], _raise))
     assert [(r.key, r.fields) for r in records] == [(r.key, r.fields) for r in local] and len(records) == 2
     assert gets and min(served.start for served in gets) == offsets[3] > 0  # never the bytes before sample 3
     assert sum(served.length for served in gets) < (local_set / shard.name).stat().st_size
+
+
+def test_without_sidecars_a_slot_walks_the_headers_to_the_same_samples(local_set, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(local_set, bare, ignore=shutil.ignore_patterns(f"*{SIDECAR_SUFFIX}", "noun_phrases-*"))
+    for rank in range(2):
+        steps = make_stream(local_set, rank).steps_per_epoch + 3
+        assert (
+            keys_and_states(make_stream(bare, rank), steps)[0]
+            == keys_and_states(make_stream(local_set, rank), steps)[0]
+        )
 
 
 def test_http_reads_retry_transient_errors_and_name_the_url_on_permanent_ones(local_set, caplog):
@@ -162,6 +176,14 @@ def test_http_reads_retry_transient_errors_and_name_the_url_on_permanent_ones(lo
         server.fail[second] = 100  # an outage longer than the retries
         with pytest.raises(ShardStorageError, match=rf"{server.url}/{second}.*gave up after 4 attempts"):
             list(read_records(store, [Piece(second, 0, 2)], _raise))
+
+        server.fail[INDEX_NAME] = 1  # an outage on the index is retried, never read as "no index"
+        assert ShardIndex.load(store) == index
+        server.forbid.add(first)  # no permission: not retried
+        with pytest.raises(ShardStorageError, match=rf"{server.url}/{first}.*403") as refused:
+            list(read_records(store, [Piece(first, 0, 2)], _raise))
+        assert refused.value.permanent
+        server.forbid.clear()
 
         (local_set / "gone.tar").unlink(missing_ok=True)
         with pytest.raises(ShardStorageError, match=rf"{server.url}/gone.tar.*FileNotFoundError"):

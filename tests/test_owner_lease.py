@@ -59,3 +59,17 @@ def test_a_checkpoint_is_not_published_once_the_owner_is_gone(tmp_path):
             saver.save(4)
     assert [step for step, _ in layout.complete_checkpoints(tmp_path)] == [2]
     assert layout.read_latest_pointer(tmp_path) == "step_00000002"
+
+
+def test_an_older_driver_never_takes_its_run_back_from_a_newer_one(tmp_path):
+    import time
+
+    with owner_lease.held(tmp_path, lease_seconds=0.5) as older:
+        with owner_lease.held(tmp_path, lease_seconds=0.5) as newer:
+            time.sleep(0.3)  # several renewal beats of the older driver's thread
+            assert json.loads(owner_lease.owner_path(tmp_path).read_text())["token"] == newer
+            owner_lease.check(tmp_path, newer)
+            with pytest.raises(owner_lease.OwnerGone, match="took the run over"):
+                owner_lease.check(tmp_path, older)
+        assert not owner_lease.owner_path(tmp_path).exists()  # released by the newer driver
+    assert not owner_lease.owner_path(tmp_path).exists()  # and the older one did not write it back

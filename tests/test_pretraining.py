@@ -67,7 +67,10 @@ def test_a_description_names_every_object_with_its_box() -> None:
     by_text = {phrase.text: phrase for phrase in description.phrases}
     assert by_text["a small red circle"].box == tuple(round(v, 4) for v in object_box(scene.objects[0]))
     assert by_text["a large blue square in the center"].box == by_text["a large blue square"].box
-    assert by_text["the center"].box == tuple(round(v, 4) for v in cell_box((1, 1))) and by_text["the center"].kind == "position"
+    assert (
+        by_text["the center"].box == tuple(round(v, 4) for v in cell_box((1, 1)))
+        and by_text["the center"].kind == "position"
+    )
     for phrase in description.phrases:
         assert description.text[phrase.char_start : phrase.char_start + len(phrase.text)] == phrase.text
 

@@ -93,7 +93,9 @@ def inputs(tmp_path_factory) -> Inputs:
     bundle = _bundle(root, step=10)
     retriever = load_bundle(bundle, device="cpu")
     items = list_images(root / "gallery")
-    build_index(root / "index", items, retriever.bundle_hash, retriever.embed_dim, IndexConfig(), local_encoder(retriever))
+    build_index(
+        root / "index", items, retriever.bundle_hash, retriever.embed_dim, IndexConfig(), local_encoder(retriever)
+    )
     return Inputs(bundle, root / "index", _bundle(root, step=20), root / "gallery")
 
 
@@ -175,15 +177,34 @@ def _wait_session_gone(sid: int, timeout: float) -> bool:
 def server(inputs: Inputs, tmp_path_factory) -> Iterator[Server]:
     workdir = tmp_path_factory.mktemp("serve_run")
     port = _free_port()
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    }
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
-    command = [str(python), str(REPO_ROOT / "launch" / "serve.py"), "--bundle", str(inputs.bundle),
-               "--index", str(inputs.index), "--port", str(port), "--replicas", str(REPLICAS)]
+    command = [
+        str(python),
+        str(REPO_ROOT / "launch" / "serve.py"),
+        "--bundle",
+        str(inputs.bundle),
+        "--index",
+        str(inputs.index),
+        "--port",
+        str(port),
+        "--replicas",
+        str(REPLICAS),
+    ]
     log = workdir / "server.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     running = Server(process, port, log)
     try:
         deadline = time.monotonic() + 150
@@ -216,8 +237,10 @@ def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> t
         for name, value in fields.items()
     ]
     for name, (filename, content) in files.items():
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n")
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
         parts.append(head.encode() + content + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -282,8 +305,14 @@ def test_unusable_inputs_exit_2_with_one_line(inputs: Inputs, tmp_path: Path, ca
             "no index": ["--bundle", str(inputs.bundle), "--index", str(tmp_path)],
             "mismatch": ["--bundle", str(inputs.other_bundle), "--index", str(inputs.index)],
             "bundle unknown": ["--index", str(inputs.index)],  # the index was built without recording it
-            "port taken": ["--bundle", str(inputs.bundle), "--index", str(inputs.index),
-                           "--port", str(taken.getsockname()[1])],
+            "port taken": [
+                "--bundle",
+                str(inputs.bundle),
+                "--index",
+                str(inputs.index),
+                "--port",
+                str(taken.getsockname()[1]),
+            ],
         }
         errors = {}
         for name, argv in cases.items():
@@ -312,7 +341,7 @@ def _listeners() -> list[tuple[str, int, str, int | None]]:
     for line in output.splitlines():
         columns = line.split()
         host, _, port = columns[3].rpartition(":")
-        owners = line[line.find("users:"):]
+        owners = line[line.find("users:") :]
         name = owners.split('"')[1] if '"' in owners else ""
         pid = int(owners.split("pid=")[1].split(",")[0]) if "pid=" in owners else None
         found.append((host.split("%")[0], int(port), name, pid))
@@ -367,8 +396,13 @@ def test_browser_search_shows_the_results_grid(server: Server, tmp_path: Path, m
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a browser or driver
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
-                     f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         options.add_argument(argument)
     reference = tmp_path / "reference.png"
     reference.write_bytes(_png((30, 90, 200)))
@@ -397,9 +431,14 @@ def test_browser_search_shows_the_results_grid(server: Server, tmp_path: Path, m
         submit()
         assert not error.is_displayed(), error.text
         assert len(tiles()) == K
-        assert [tile.find_element(By.TAG_NAME, "b").text for tile in tiles()] == [f"#{rank}" for rank in range(1, K + 1)]
-        wait.until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+        assert [tile.find_element(By.TAG_NAME, "b").text for tile in tiles()] == [
+            f"#{rank}" for rank in range(1, K + 1)
+        ]
+        wait.until(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
         screenshot = tmp_path / "serve_page.png"
         assert driver.save_screenshot(str(screenshot))
         SCREENSHOT_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
@@ -452,8 +491,10 @@ def test_bad_input_is_refused_with_a_message(server: Server) -> None:
 def test_concurrent_queries_all_succeed(server: Server) -> None:
     colours = [(200, 40, 40), (40, 160, 60), (30, 90, 200), (220, 200, 40)]
     texts = ["make it red", "a larger circle", "same shape in green", "turn the background blue"]
-    bodies = [_multipart({"text": texts[n % 4], "k": str(K)}, {"image": ("q.png", _png(colours[n % 4]))})
-              for n in range(QUERIES)]
+    bodies = [
+        _multipart({"text": texts[n % 4], "k": str(K)}, {"image": ("q.png", _png(colours[n % 4]))})
+        for n in range(QUERIES)
+    ]
 
     def one(body: tuple[bytes, str]) -> tuple[int, float, dict]:
         started = time.perf_counter()
@@ -470,7 +511,9 @@ def test_concurrent_queries_all_succeed(server: Server) -> None:
     assert all(len(answer["results"]) == K for _, _, answer in outcomes)
     # The same query gives the same ranking whichever replica and batch answered it.
     first = {texts[n % 4]: [hit["id"] for hit in outcomes[n][2]["results"]] for n in range(4)}
-    assert all([hit["id"] for hit in answer["results"]] == first[texts[n % 4]] for n, (_, _, answer) in enumerate(outcomes))
+    assert all(
+        [hit["id"] for hit in answer["results"]] == first[texts[n % 4]] for n, (_, _, answer) in enumerate(outcomes)
+    )
     latencies = np.array([seconds for _, seconds, _ in outcomes]) * 1000
     server_side = np.median([answer["took_ms"] for _, _, answer in outcomes])
     FIGURES.append(

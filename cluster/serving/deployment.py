@@ -71,7 +71,9 @@ def check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as error:
-        raise ServeError(f"cannot listen on {host}:{port}: {error.strerror or error} (serve.host, serve.port)") from error
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {error.strerror or error} (serve.host, serve.port)"
+        ) from error
 
 
 class SearchReplica:

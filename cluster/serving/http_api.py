@@ -309,7 +309,12 @@ def create_app(service: SearchService, encode: Callable[[Query], Awaitable[np.nd
             logger.exception("search failed for text %r", text[:80])
             return error(500, "the server failed to answer this query; the error is in its log")
         results = [
-            {"rank": hit.rank, "id": hit.id, "score": round(hit.score, 5), "thumbnail": f"/thumb/{service.index.position[hit.id]}"}
+            {
+                "rank": hit.rank,
+                "id": hit.id,
+                "score": round(hit.score, 5),
+                "thumbnail": f"/thumb/{service.index.position[hit.id]}",
+            }
             for hit in hits
         ]
         took_ms = round((time.perf_counter() - started) * 1000, 1)

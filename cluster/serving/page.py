@@ -19,8 +19,13 @@ PAGE_HEADERS = {
 
 def render_page(config: ServeConfig, examples: list[int], gallery: int) -> str:
     """The search page, with its settings inlined as JSON (numbers only, so nothing needs escaping)."""
-    settings = {"examples": examples, "maxBytes": int(config.max_upload_mb * 2**20), "topK": config.top_k,
-                "maxK": config.max_k, "maxText": config.max_text_chars}
+    settings = {
+        "examples": examples,
+        "maxBytes": int(config.max_upload_mb * 2**20),
+        "topK": config.top_k,
+        "maxK": config.max_k,
+        "maxText": config.max_text_chars,
+    }
     return PAGE.replace("__SETTINGS__", json.dumps(settings)).replace("__GALLERY__", str(gallery))
 
 

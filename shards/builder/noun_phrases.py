@@ -314,9 +314,7 @@ def _word_offsets(sentence) -> list[tuple[int, int]] | None:
     return offsets
 
 
-def noun_phrases_of_document(
-    document, caption: str, max_nps: int, selection: str = "bfs"
-) -> list[NounPhrase] | None:
+def noun_phrases_of_document(document, caption: str, max_nps: int, selection: str = "bfs") -> list[NounPhrase] | None:
     """Noun phrases of one stanza-parsed caption (`select_noun_phrases`); None when its trees and words do not
     line up."""
     trees = [sentence.constituency for sentence in document.sentences]

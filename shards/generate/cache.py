@@ -1,8 +1,8 @@
 """The persistent response cache: one small JSON file per request, so a rerun, or a run resumed after a kill, asks
 the endpoint nothing it has already answered.
 
-A request's key covers the prompt version, the model, the stage, the content hashes of its images and the text of
-every message (which holds the earlier stages' answers and any repair turn). Unusable answers are kept too: a rerun
+A request's key covers the prompt version, the model, the stage, the content hashes of its images, the text of
+every message (which holds the earlier stages' answers and any repair turn), `max_tokens` and the answer schema. Unusable answers are kept too: a rerun
 replays the same repair conversation and reaches the same result. Writes go to a temporary name and are renamed
 into place, so concurrent workers and kills leave only whole entries.
 """
@@ -16,14 +16,24 @@ from pathlib import Path
 from typing import Any
 
 
-def request_key(prompt_version: str, model: str, stage: str, image_hashes: list[str], messages: list[dict]) -> str:
-    """sha256 of everything that decides the answer, images by content hash (never by path)."""
+def request_key(
+    prompt_version: str, model: str, stage: str, image_hashes: list[str], messages: list[dict], settings: dict
+) -> str:
+    """sha256 of everything that decides the answer, images by content hash (never by path); `settings` holds the
+    rest of the request (`max_tokens`, the answer schema)."""
     texts = []
     for message in messages:
         content = message["content"]
         parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
         texts.append([message["role"], [part.get("text", "<image>") for part in parts]])
-    payload = {"version": prompt_version, "model": model, "stage": stage, "images": image_hashes, "messages": texts}
+    payload = {
+        "version": prompt_version,
+        "model": model,
+        "stage": stage,
+        "images": image_hashes,
+        "messages": texts,
+        "settings": settings,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import requests
 
-RETRIED_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+RETRIED_STATUS = frozenset({408, 425, 429})
+"""Besides every 5xx: a timeout, too early, rate limited."""
 REFUSED_STATUS = frozenset({401, 403, 404})
 """Answers that no retry and no other pair can change: a wrong key, a wrong URL or model."""
 
@@ -119,12 +120,13 @@ class ChatClient:
             except requests.Timeout:
                 last = "timeout"
                 continue
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, reset or dropped mid-answer (ChunkedEncodingError too)
                 last = "connection error"
                 continue
             if response.status_code in REFUSED_STATUS:
-                raise EndpointRefused(f"http {response.status_code}", f"{self.url} refused the request ({self.model})")
-            if response.status_code in RETRIED_STATUS:
+                detail = f"{self.url} refused the request ({self.model})"
+                raise EndpointRefused(f"http {response.status_code}", detail, usage.calls)
+            if response.status_code in RETRIED_STATUS or response.status_code >= 500:
                 last = f"http {response.status_code}"
                 hint = response.headers.get("Retry-After")
                 continue
@@ -151,7 +153,12 @@ class ChatClient:
             raise EndpointError("unreadable completion", response.text[:200], usage.calls) from None
         if not isinstance(text, str):
             raise EndpointError("unreadable completion", "message content is not text", usage.calls)
-        counted = payload.get("usage") or {}
-        usage.prompt_tokens += int(counted.get("prompt_tokens") or 0)
-        usage.completion_tokens += int(counted.get("completion_tokens") or 0)
+        counted = payload.get("usage")
+        if isinstance(counted, dict):  # optional in the protocol; a server may send nonsense in it
+            usage.prompt_tokens += _count(counted.get("prompt_tokens"))
+            usage.completion_tokens += _count(counted.get("completion_tokens"))
         return Completion(text, usage)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0

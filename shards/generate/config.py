@@ -72,7 +72,7 @@ class GenerateConfig:
     """Captions kept per pair (singles first, then longer joins), before filters."""
     min_words: int = 3
     dedupe: bool = True
-    """Drop a caption repeated within its pair, and a (reference, target, caption) seen before."""
+    """Drop a caption repeated within its pair (pairs themselves are distinct, so no triplet repeats)."""
     leakage_filter: bool = True
     """Drop a caption that describes the whole target, so that text alone would find it."""
     trees: str = "none"

@@ -5,6 +5,7 @@ refusal by the endpoint itself (a wrong key or URL), which would fail every pair
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,19 @@ from shards.generate.protocol import (
     response_format,
     stage_messages,
 )
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def pair_ids(raw: list[str]) -> list[str]:
+    """File-safe ids for raw ones (image names or paths joined); where two raw ids would become the same safe id,
+    each of those gets a short hash of its raw id, so ids stay unique and independent of order."""
+    safe = [_UNSAFE.sub("_", text) for text in raw]
+    taken = Counter(safe)
+    return [
+        text if taken[text] == 1 else f"{text}-{hashlib.sha256(original.encode()).hexdigest()[:8]}"
+        for text, original in zip(safe, raw)
+    ]
 
 
 @dataclass
@@ -121,7 +135,8 @@ class PairRunner:
         raise AssertionError("unreachable")
 
     def _complete(self, stage: str, messages: list[dict], hashes: list[str], result: PairResult) -> str:
-        key = request_key(self.prompts.version, self.config.model, stage, hashes, messages)
+        settings = {"max_tokens": self.config.max_tokens, "response_format": response_format(stage)}
+        key = request_key(self.prompts.version, self.config.model, stage, hashes, messages, settings)
         cached = self.cache.get(key)
         if cached is not None:
             result.cache_hits += 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.builder.sources import SourceError, read_source
+from shards.builder.writer import write_json_atomically as write_json
 from shards.config import SourceConfig
 from shards.generate.pairs import Pair, PairResult
 
@@ -71,12 +72,13 @@ def _relative(path: str, root: Path) -> str:
 
 
 def write_json_atomically(path: Path, payload: Any, lines: bool = False) -> None:
+    """JSON (or JSON lines, one item each) written under a temporary name, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not lines:
+        write_json(path, payload)
+        return
     temporary = path.with_name(path.name + ".tmp")
-    if lines:
-        temporary.write_text("".join(json.dumps(item, sort_keys=True) + "\n" for item in payload))
-    else:
-        temporary.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    temporary.write_text("".join(json.dumps(item, sort_keys=True) + "\n" for item in payload))
     temporary.replace(path)
 
 

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import PurePosixPath
@@ -76,7 +76,11 @@ class Record:
 
 
 def read_records(
-    store: ShardStore, pieces: list[Piece], handler: ErrorHandler, wanted: Callable[[int], bool] | None = None
+    store: ShardStore,
+    pieces: list[Piece],
+    handler: ErrorHandler,
+    wanted: Callable[[int], bool] | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> Iterator[Record]:
     """Samples of `pieces` in tar order, grouped from their members.
 
@@ -86,8 +90,9 @@ def read_records(
     the tar shows it is complete (the next key starts, or the tar ends cleanly), so a member cut by truncation
     never yields a partial sample, whether or not its bytes were read.
 
-    A piece that starts mid-shard seeks to its first sample when the shard's sidecar records the byte offsets,
-    else it reads its way there header by header. A store that cannot be read at all raises `ShardStorageError`.
+    A piece that starts mid-shard seeks to its first sample when the shard's sidecar records the byte offsets and
+    its sha256 is the index's (`digests`: shard name -> sha256), else it reads its way there header by header. A
+    store that cannot be read at all raises `ShardStorageError`.
     """
     number = 0
     for piece in pieces:
@@ -96,8 +101,9 @@ def read_records(
         key: str | None = None
         fields: dict[str, bytes | None] = {}
         take = load = False
-        offsets = member_offsets(store, piece.shard) if piece.first > 0 else None
         try:
+            known = digests.get(piece.shard) if digests and piece.first > 0 else None
+            offsets = member_offsets(store, piece.shard, known) if known else None
             with store.open(piece.shard) as handle:
                 if offsets is not None and piece.first < len(offsets):
                     handle.seek(offsets[piece.first])

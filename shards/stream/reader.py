@@ -143,7 +143,16 @@ class ShardStream:
             slots_per_rank=max(num_workers, 1),
             batch_size=batch_size,
         )
-        self._spec = SlotSpec(self.store, backbone, self.plan, rank, shuffle_buffer, max_nps, np_length)
+        self._spec = SlotSpec(
+            self.store,
+            backbone,
+            self.plan,
+            rank,
+            shuffle_buffer,
+            max_nps,
+            np_length,
+            {entry.name: entry.sha256 for entry in index.shards},
+        )
         self.steps_per_epoch = self.plan.steps_per_epoch
         self._step = 0
         self._cursor_epoch = 0

@@ -127,6 +127,8 @@ class SlotSpec:
     shuffle_buffer: int
     max_nps: int
     np_length: int
+    digests: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    """Shard name -> sha256 from the index: a sidecar's byte offsets are used only for the shard it describes."""
 
 
 def slot_batches(spec: SlotSpec, cursor: SlotCursor) -> Iterator[dict[str, Any]]:
@@ -145,7 +147,7 @@ def slot_batches(spec: SlotSpec, cursor: SlotCursor) -> Iterator[dict[str, Any]]
     def wanted(number: int) -> bool:
         return number >= replayed or number in position_of
 
-    source = read_records(spec.store, plan.slot_pieces(epoch, spec.rank, cursor.slot), handler, wanted)
+    source = read_records(spec.store, plan.slot_pieces(epoch, spec.rank, cursor.slot), handler, wanted, spec.digests)
     handler.muted = replayed > 0 or cursor.drained
     restored: list[Record | None] = [None] * len(held)
     for number in range(replayed):
@@ -184,7 +186,7 @@ def slot_batches(spec: SlotSpec, cursor: SlotCursor) -> Iterator[dict[str, Any]]
             def wanted_in_pass(number: int, pass_start: int = pass_start) -> bool:
                 return pass_start + number >= skipped
 
-            for record in read_records(spec.store, pieces, handler, wanted_in_pass):
+            for record in read_records(spec.store, pieces, handler, wanted_in_pass, spec.digests):
                 passed += 1
                 if passed <= skipped:
                     handler.muted = passed < skipped

@@ -9,10 +9,9 @@ gets no tree (None), so its triplet is built without noun phrases rather than wi
 
 from __future__ import annotations
 
-from shards.synthetic.render import PALETTE
+from shards.synthetic.render import PALETTE, SHAPES
 from shards.synthetic.scenes import CELL_NAMES, SIZES
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 VERBS = frozenset(
     {"add", "remove", "make", "move", "put", "place", "delete", "take", "enlarge", "shrink", "change", "turn"}
 )

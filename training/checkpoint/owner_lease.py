@@ -90,8 +90,24 @@ def held(run_dir: str | Path, lease_seconds: float = LEASE_SECONDS) -> Iterator[
         )
     token = secrets.token_hex(8)
     _renew(run_dir, token, lease_seconds)
+    lost = False
+
+    def renew_while_ours() -> None:
+        """Renew unless a newer submission took the run over: then leave its lease alone for good."""
+        nonlocal lost
+        if lost:
+            return
+        current = _read(run_dir)
+        if current is not None and current.get("token") != token:
+            lost = True
+            logger.warning(
+                "run %s was taken over by the driver pid %s; no longer renewing", run_dir, current.get("pid")
+            )
+            return
+        _renew(run_dir, token, lease_seconds)
+
     try:
-        with lease.Renewal(lambda: _renew(run_dir, token, lease_seconds), lease_seconds / 10, name="run owner lease"):
+        with lease.Renewal(renew_while_ours, lease_seconds / 10, name="run owner lease"):
             yield token
     finally:
         current = _read(run_dir)

@@ -81,7 +81,9 @@ class ContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.reference_negatives = reference_negatives
         self.symmetric = symmetric
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature))) if learnable_temperature else None
+        self.logit_scale = (
+            nn.Parameter(torch.full((1,), math.log(1.0 / temperature))) if learnable_temperature else None
+        )
 
     def learned_scale(self) -> torch.Tensor:
         """The learned 1/tau, exp(logit_scale) clamped to [1, MAX_LOGIT_SCALE]; only with `learnable_temperature`."""

@@ -33,4 +33,6 @@ class PretrainConfig:
         if self.temperature <= 0 or self.map_temperature <= 0:
             raise ValueError("pretrain.temperature and pretrain.map_temperature must be positive")
         if min(self.region_weight, self.map_weight, self.phrase_image_weight) < 0:
-            raise ValueError("pretrain.region_weight, pretrain.map_weight and pretrain.phrase_image_weight must be >= 0")
+            raise ValueError(
+                "pretrain.region_weight, pretrain.map_weight and pretrain.phrase_image_weight must be >= 0"
+            )

@@ -3,7 +3,6 @@ index whose similarity falls inside a band (related, but not near-duplicates), c
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,9 @@ from tqdm import tqdm
 
 from shards.generate.compose import pair_rng
 from shards.generate.config import MiningConfig
-from shards.generate.pairs import Pair
+from shards.generate.pairs import Pair, pair_ids
 from training.retrieval.gallery_index import GalleryIndex, read_shards
 
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _BATCH = 1024
 
 
@@ -27,7 +25,7 @@ def mine_pairs(config: MiningConfig, progress: bool = True) -> list[tuple[Pair, 
     index = GalleryIndex.open(config.index)
     _, _, embeddings, _ = read_shards(index.directory, int(index.manifest["shards"]))
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    mined = []
+    chosen_pairs: list[tuple[str, str, str, float]] = []
     for begin in tqdm(range(0, len(index.ids), _BATCH), desc="mining pairs", unit="batch", disable=not progress):
         ids = index.ids[begin : begin + _BATCH]
         rows = index.search(embeddings[begin : begin + _BATCH], config.candidates, exclude=[[i] for i in ids])
@@ -35,6 +33,9 @@ def mine_pairs(config: MiningConfig, progress: bool = True) -> list[tuple[Pair, 
             band = [hit for hit in hits if config.min_similarity <= hit.score <= config.max_similarity]
             chosen = pair_rng(config.seed, image_id).sample(band, min(config.k, len(band)))
             for hit in sorted(chosen, key=lambda hit: hit.rank):
-                pair_id = _SAFE.sub("_", f"{image_id}__{hit.id}")
-                mined.append((Pair(pair_id, str(Path(path).resolve()), str(Path(hit.path).resolve())), hit.score))
-    return mined
+                chosen_pairs.append((f"{image_id}__{hit.id}", path, hit.path, hit.score))
+    ids = pair_ids([raw for raw, _, _, _ in chosen_pairs])
+    return [
+        (Pair(pair_id, str(Path(reference).resolve()), str(Path(target).resolve())), score)
+        for pair_id, (_, reference, target, score) in zip(ids, chosen_pairs)
+    ]
