@@ -41,6 +41,7 @@ $(STAMP): pyproject.toml Makefile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cluster training shards launch tests
+	$(VENV)/bin/ruff format --check cluster training shards launch tests
 
 test: $(STAMP) system-packages
 	$(MAKE) lint
