@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
+"""Ray reads the port of a GCS it starts from here (ray._private.node)."""
 
 
 def cluster_address(cluster: ClusterConfig) -> str | None:
@@ -84,18 +86,31 @@ def connect(cluster: ClusterConfig) -> str:
     needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     children_before = _child_pids()
-    ray.init(
-        _node_ip_address=LOOPBACK,
-        # The dashboard serves Ray's State API, which Ray Train polls to watch its controller (without it every
-        # poll logs a warning). Loopback only, behind the token; a free port, so private heads never collide.
-        include_dashboard=True,
-        dashboard_host=LOOPBACK,
-        dashboard_port=_free_port(),
-        num_cpus=max(os.cpu_count() or 1, needed),
-        num_gpus=None if cluster.use_gpu else 0,
-        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
-        logging_level=logging.WARNING,
-    )
+    # Ray's own actors (Ray Train's placement-group cleaner) find "their" cluster through the State API, which
+    # without RAY_ADDRESS looks for GCS processes on the machine and fails with a traceback as soon as a second
+    # Ray runs there (another private head, a `ray start`). So the GCS gets a port chosen here, and every process
+    # of this Ray is told it.
+    gcs_port = _free_port()
+    previous_port = os.environ.get(GCS_PORT_VARIABLE)
+    os.environ[GCS_PORT_VARIABLE] = str(gcs_port)  # read by ray.init when it starts the GCS
+    try:
+        ray.init(
+            _node_ip_address=LOOPBACK,
+            # The dashboard serves Ray's State API, which Ray Train polls to watch its controller (without it every
+            # poll logs a warning). Loopback only, behind the token; a free port, so private heads never collide.
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            dashboard_port=_free_port(),
+            num_cpus=max(os.cpu_count() or 1, needed),
+            num_gpus=None if cluster.use_gpu else 0,
+            runtime_env={"env_vars": {"PYTHONPATH": python_path, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}},
+            logging_level=logging.WARNING,
+        )
+    finally:
+        if previous_port is None:
+            os.environ.pop(GCS_PORT_VARIABLE, None)
+        else:
+            os.environ[GCS_PORT_VARIABLE] = previous_port
     _start_watchdog(sorted(_child_pids() - children_before))
     return f"started a local Ray on {LOOPBACK} (stops when this process ends)"
 

@@ -208,3 +208,18 @@ def test_worker_killed_mid_run_restarts_from_the_latest_complete_checkpoint(ray_
     assert layout.latest_complete(run_dir)[0] == STEPS
     assert trajectory(run_dir) == trajectory(clean_run)
     assert data_digest(run_dir) == data_digest(clean_run)
+
+
+@pytest.mark.timeout(600)
+def test_a_private_ray_beside_another_ray_prints_no_state_api_traceback(ray_head, workspace):
+    """Ray Train's placement-group cleaner finds its cluster through the State API; with a second Ray on the machine
+    (the module's head) it used to fail with "Found multiple active Ray instances" and a traceback."""
+    command = submit_command(ray_head, workspace, "beside-another-ray", "train.steps=4")
+    local = command[command.index("--") + 1 :]  # the entry point alone: no cluster, so a private local Ray
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("RAY_A")}
+    environment |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(local, capture_output=True, text=True, timeout=480, cwd=REPO_ROOT, env=environment)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "started a local Ray" in output
+    assert "multiple active Ray instances" not in output and "Traceback" not in output

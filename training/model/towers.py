@@ -157,6 +157,14 @@ def with_tower_flags(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, quick_gelu=tag_quick_gelu(config.backbone, config.pretrained))
 
 
+class _NoRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning: it is printed whenever no
+    tag is given, also when `weights_file` or a checkpoint supplies the weights right after, so it misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def create_open_clip(
     name: str,
     pretrained: str | None = None,
@@ -202,6 +210,8 @@ def create_open_clip(
                 raise PretrainedWeightsUnavailable(_missing_weights_message(name, tag, f"not cached, {reason}"))
         # A cached file is loaded straight from disk: no request to the hub at all.
         kwargs.update(pretrained=cached or tag, cache_dir=cache_dir)
+    quiet = _NoRandomInitNotice()
+    logging.getLogger().addFilter(quiet)
     try:
         if device.type == "meta":
             with torch.device("meta"):
@@ -212,6 +222,8 @@ def create_open_clip(
         if tag and "download" in str(error).lower():
             raise PretrainedWeightsUnavailable(_missing_weights_message(name, tag, str(error))) from error
         raise
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if weights_file:
         load_open_clip_weights(clip_model, weights_file)
         logger.info("loaded open_clip weights for %s from %s", name, weights_file)

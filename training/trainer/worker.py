@@ -114,6 +114,7 @@ def train_worker(
     # Our own progress at INFO; libraries (open_clip narrates every model it builds) only from WARNING.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")  # a no-op where Ray set up handlers
     logging.getLogger().setLevel(logging.WARNING)  # open_clip logs on the root logger
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on every CPU rank
     for ours in ("training", "shards"):
         logging.getLogger(ours).setLevel(logging.INFO)
     config = dataclasses.replace(config, model=with_tower_flags(config.model))  # checkpoints record the flags
