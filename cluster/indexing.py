@@ -25,11 +25,8 @@ class _ChunkEncoderActor:
     device = "cpu"
 
     def __init__(self) -> None:
-        import logging
-
         from training.retrieval.bundle import load_bundle
 
-        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the towers start random: weights follow
         self.retriever = load_bundle(self.bundle, device=self.device, verify=False)
 
     @classmethod

@@ -64,6 +64,13 @@ def _permanent(error: BaseException) -> bool:
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
+def _raise_unless_absent(error: FileNotFoundError) -> None:
+    """Return when the object is really absent; raise the cause when "not found" hides a transient failure (fsspec's
+    http filesystem reports every failed probe so), so that `ShardStore._retry` retries it."""
+    if not _permanent(error):
+        raise error.__cause__ from None
+
+
 def _transient_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
     try:  # http(s) and the async object stores raise aiohttp's errors, which are not all OSErrors
@@ -143,9 +150,8 @@ class ShardStore:
             try:
                 filesystem.info(f"{root}/{name}")
             except FileNotFoundError as error:
-                if _permanent(error):
-                    return False
-                raise error.__cause__ from None  # a transient failure in disguise: retried
+                _raise_unless_absent(error)
+                return False
             return True
 
         return bool(self._retry(f"checking {self.where(name)}", probe))
@@ -162,8 +168,7 @@ class ShardStore:
             try:
                 return filesystem.cat_file(f"{root}/{name}")
             except FileNotFoundError as error:
-                if not _permanent(error):
-                    raise error.__cause__ from None  # a transient failure in disguise: retried
+                _raise_unless_absent(error)
                 absent = True
                 return b""
 
