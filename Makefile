@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MASTER_ADDR := 127.0.0.1
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: install system-packages demo generate-demo test lint clean
+.PHONY: install system-packages demo generate-demo compare test lint clean
 
 install: $(STAMP)
 
@@ -79,6 +79,26 @@ generate-demo: $(STAMP)
 	for i in $$(seq 300); do [ -s runs/oracle.port ] && break; kill -0 $$oracle || exit 1; sleep 0.2; done; \
 	$(PY) launch/generate.py --config configs/generate_synthetic.yaml \
 		generate.endpoint=http://127.0.0.1:$$(cat runs/oracle.port)/v1
+
+# The other methods on the demo's data and towers (DESIGN section 13): phi (textual inversion), TisCIR (MSMP, then
+# FGIA) trained on the same Ray + DeepSpeed job with the towers frozen, then one eval run scoring every method beside
+# the demo's ConText checkpoint. CVSI's captions and edits come from the scene oracle (stopped by its pid), cached in
+# runs/cvsi_cache, so a rerun asks it nothing. Runs `make demo` first when its outputs are missing.
+METHODS := context,image_only,text_only,sum,phi,cvsi,tiscir
+compare: $(STAMP)
+	test -f $(TOWERS) -a -f runs/demo/checkpoints/latest || $(MAKE) demo
+	$(PY) launch/train.py --config configs/phi_tiny.yaml model.weights_file=$(TOWERS)
+	$(PY) launch/train.py --config configs/tiscir_msmp_tiny.yaml model.weights_file=$(TOWERS)
+	$(PY) launch/train.py --config configs/tiscir_tiny.yaml
+	mkdir -p runs && rm -f runs/oracle.port
+	$(PY) launch/scene_oracle.py --root data/synthetic --port 0 --port-file runs/oracle.port & \
+	oracle=$$!; trap 'kill $$oracle' EXIT; \
+	for i in $$(seq 300); do [ -s runs/oracle.port ] && break; kill -0 $$oracle || exit 1; sleep 0.2; done; \
+	endpoint=http://127.0.0.1:$$(cat runs/oracle.port)/v1; \
+	$(PY) launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest --methods $(METHODS) \
+		methods.phi.checkpoint=runs/phi_tiny/checkpoints/latest \
+		methods.tiscir.checkpoint=runs/tiscir_tiny/checkpoints/latest \
+		methods.cvsi.captioner_endpoint=$$endpoint methods.cvsi.editor_endpoint=$$endpoint
 
 clean:
 	rm -rf $(VENV) data/shards runs

@@ -24,6 +24,7 @@ from training.objectives.config import LossConfig
 from training.objectives.pretrain_config import PretrainConfig
 from training.retrieval.config import IndexConfig
 from training.trainer.config import TrainConfig
+from training.zeroshot.config import MethodsConfig
 
 RENAMED_KEYS = {
     "eval.cirr_root": "eval.datasets.cirr.root",
@@ -57,6 +58,7 @@ class RootConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
 
     def __post_init__(self) -> None:
         self.train.geometry(self.cluster.num_workers)  # the global batch must split evenly

@@ -3,10 +3,14 @@
     python launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest
     python launch/eval.py --config vith --watch [--until-step N] [--benchmarks cirr,circo]
     ray job submit --working-dir . --entrypoint-num-gpus 1 -- python launch/eval.py --config configs/vith.yaml --watch
+    python launch/eval.py --config configs/tiny.yaml --checkpoint runs/demo/checkpoints/latest \
+        --methods context,image_only,text_only,sum,phi,cvsi,tiscir   # one side-by-side table of every method
     python launch/eval.py --list                      # the registered benchmarks and methods
 
 Loads only `model.safetensors` plus the checkpoint's saved config; writes `<run>/eval/step_XXXXXXXX.json`,
-TensorBoard `eval/<benchmark>/<metric>`, and `<run>/eval/best.json`, and prints the model beside its baselines.
+TensorBoard `eval/<benchmark>/<metric>` (and `eval/<benchmark>/<method>/<metric>` per method), and
+`<run>/eval/best.json`, and prints the model beside the other methods. phi, cvsi and tiscir read their trained
+checkpoints from `methods.<name>.checkpoint` (README, "Other methods").
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def add_arguments(parser) -> None:
     target.add_argument("--watch", action="store_true", help="poll the run's checkpoints and score each once")
     parser.add_argument("--benchmarks", help="comma-separated registered benchmarks (default: eval.benchmarks)")
     parser.add_argument("--until-step", type=int, help="watch: stop once a checkpoint at or past this step is scored")
+    parser.add_argument("--methods", help="comma-separated methods to score (default: context + eval.baselines)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [name for name in benchmarks or () if name not in BENCHMARKS]
         if unknown:
             raise ConfigError(f"--benchmarks has unknown {unknown}; registered: {', '.join(BENCHMARKS.names())}")
+        from training.evaluation.methods import METHODS, method_name
+
+        methods = [name.strip() for name in args.methods.split(",") if name.strip()] if args.methods else None
+        unknown = [name for name in methods or () if method_name(name) not in METHODS]
+        if unknown:
+            raise ConfigError(f"--methods has unknown {unknown}; registered: {', '.join(METHODS.names())} (sum)")
         missing = config.eval.unset_roots(benchmarks or config.eval.benchmarks)
         if missing:
             raise ConfigError(f"{args.config}: {', '.join(missing)} must be set to evaluate those benchmarks")
@@ -53,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)
     from training.evaluation.benchmarks import BenchmarkError
+    from training.evaluation.methods import MethodError
     from training.evaluation.runner import CheckpointError, Evaluator, format_table, result_path
     from training.evaluation.watcher import CheckpointWatcher
 
-    evaluator = Evaluator(config, benchmarks)
+    evaluator = Evaluator(config, benchmarks, methods)
     try:
         evaluator.load_benchmarks()
         if args.checkpoint:
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"watching {config.run_dir / 'checkpoints'} every {config.eval.poll_seconds:g} s", flush=True)
         watcher.run()
-    except (BenchmarkError, CheckpointError) as error:  # always recurs: one line, exit 2, never a traceback
+    except (BenchmarkError, CheckpointError, MethodError) as error:  # always recurs: one line, exit 2, no traceback
         print(f"eval error: {' '.join(str(error).split())}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     return 0

@@ -6,11 +6,16 @@ It is not a model and sees no pixels. It finds each image by the sha256 of its b
 difference between two scenes by object id. It serves the OpenAI chat-completions protocol on 127.0.0.1, so the
 generator, its retries, repairs and cache run unchanged against it (`launch/scene_oracle.py`).
 
+It also answers CVSI's two questions (`cvsi_captions`, `cvsi_edit`; see `oracle_cvsi`): captions of an image from
+its scene, and an edit of a reference's captions by a modification text, which is perfect on the benchmark's own
+triplets (the oracle looks the target up), so offline it is an upper bound of the LLM stage.
+
 Realistic faults, at `fault_rate` in all, a third each:
 - a 429 with `Retry-After` (transient: the same request may pass next time);
 - malformed JSON (transient as well; the generator sends a repair request);
-- a missing object: one object left out of an object list. Like a model's consistent mistake, it depends on the
-  stage and the images only, so every rerun and every repair makes it again.
+- a missing object: one object left out of an object list (or of `cvsi_edit`'s added objects). Like a model's
+  consistent mistake, it depends on the stage and the images (the quoted captions) only, so every rerun and every
+  repair makes it again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGE_NAMES = ("reference_objects", "target_objects", "modifications")
+from shards.synthetic.oracle_cvsi import CVSI_STAGES, CVSIAnswers, RequestUnreadable, caption_count, scene_captions
+
+STAGE_NAMES = ("reference_objects", "target_objects", "modifications", *CVSI_STAGES)
+_LISTS = {"reference_objects": ("objects", 2), "target_objects": ("objects", 2), "cvsi_edit": ("added", 1)}
+"""Stage -> (the answer's list the missing-object fault shortens, the fewest items it leaves it from)."""
 
 
 class OracleError(ValueError):
@@ -84,6 +93,8 @@ class SceneOracle:
     """sha256 of an image file -> its scene from objects.json."""
     fault_rate: float = 0.0
     seed: int = 0
+    cvsi: CVSIAnswers | None = None
+    """The benchmark's images and triplets for `cvsi_edit` (None: that stage is refused)."""
     counts: Counter = field(default_factory=Counter)
     """Requests served, by outcome (`ok`, `fault_429`, `fault_malformed`, `fault_missing_object`, `refused`)."""
     _attempts: Counter = field(default_factory=Counter)
@@ -102,7 +113,7 @@ class SceneOracle:
                     scenes[digest] = images[name]
         if not scenes:
             raise OracleError(f"{root}: no images of objects.json found through cirr/image_splits")
-        return cls(scenes, **options)
+        return cls(scenes, cvsi=CVSIAnswers.from_root(root, images), **options)
 
     def answer(self, request: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         """(HTTP status, JSON body, extra headers) for one chat-completions request."""
@@ -118,27 +129,22 @@ class SceneOracle:
         if stage not in STAGE_NAMES:
             return self._refuse(f"unknown stage {stage!r}")
         try:
-            hashes = self._image_hashes(messages)
-            scenes = [self.scenes[digest] for digest in hashes]
+            payload, hashes, subject = self._payload(stage, messages)
         except KeyError:
             return self._refuse("an image the oracle has no scene for")
+        except OracleError as error:
+            return self._refuse(str(error))
         except (ValueError, TypeError) as error:
             return self._refuse(f"unreadable image content ({error})")
         transient = _unit(self.seed, body_key, attempt)
         if transient < self.fault_rate / 3:
             self._count("fault_429")
             return 429, {"error": {"message": "rate limited (scene oracle fault)"}}, {"Retry-After": "0.05"}
-        if stage == "modifications":
-            if len(scenes) < 2:
-                return self._refuse("the modifications stage needs two images")
-            payload: dict[str, Any] = {"modifications": scene_modifications(scenes[0], scenes[-1])}
-        else:
-            scene = scenes[0] if stage == "reference_objects" else scenes[-1]
-            objects = scene_objects(scene)
-            if len(objects) > 1 and _unit(self.seed, "missing", stage, *hashes) < self.fault_rate / 3:
+        if stage in _LISTS:
+            name, fewest = _LISTS[stage]
+            if len(payload[name]) >= fewest and _unit(self.seed, "missing", stage, *subject) < self.fault_rate / 3:
                 self._count("fault_missing_object")
-                objects = objects[:-1]
-            payload = {"objects": objects}
+                payload[name] = payload[name][:-1]
         text = json.dumps(payload)
         if transient < 2 * self.fault_rate / 3:
             self._count("fault_malformed")
@@ -152,6 +158,32 @@ class SceneOracle:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return 200, _completion(request.get("model", "scene-oracle"), text, usage), {}
+
+    def _payload(self, stage: str, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str], list[str]]:
+        """(the right answer, the request's image hashes, what its missing-object fault depends on)."""
+        if stage == "cvsi_edit":
+            if self.cvsi is None:
+                raise OracleError("this oracle was built without a benchmark root: no cvsi_edit")
+            texts = _user_texts(messages)
+            try:
+                payload = self.cvsi.edit(texts)
+            except RequestUnreadable as error:
+                raise OracleError(f"cvsi_edit: {error}") from None
+            return payload, [], [hashlib.sha256(texts[0].encode()).hexdigest()]  # the question, not a repair turn
+        hashes = self._image_hashes(messages)
+        scenes = [self.scenes[digest] for digest in hashes]
+        if stage == "cvsi_captions":
+            try:
+                count = caption_count(_user_texts(messages))
+            except RequestUnreadable as error:
+                raise OracleError(f"cvsi_captions: {error}") from None
+            return {"captions": scene_captions(scenes[0], count)}, hashes, hashes
+        if stage == "modifications":
+            if len(scenes) < 2:
+                raise OracleError("the modifications stage needs two images")
+            return {"modifications": scene_modifications(scenes[0], scenes[-1])}, hashes, hashes
+        scene = scenes[0] if stage == "reference_objects" else scenes[-1]
+        return {"objects": scene_objects(scene)}, hashes, hashes
 
     def _image_hashes(self, messages: list[dict[str, Any]]) -> list[str]:
         """Content hashes of the images of the last user message that has any (a repair turn repeats none)."""
@@ -168,6 +200,17 @@ class SceneOracle:
     def _count(self, outcome: str) -> None:
         with self._lock:
             self.counts[outcome] += 1
+
+
+def _user_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """The text parts of the user messages, first to last."""
+    return [
+        str(part.get("text", ""))
+        for message in messages
+        if message.get("role") == "user"
+        for part in _parts(message)
+        if part.get("type", "text") == "text"
+    ]
 
 
 def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:

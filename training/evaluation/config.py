@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from training.evaluation.benchmarks import BENCHMARKS, DatasetSettings
-from training.evaluation.methods import METHODS
+from training.evaluation.methods import METHODS, method_name
 
 if TYPE_CHECKING:  # config validation must not import torch
     import torch
@@ -52,7 +52,7 @@ class EvalConfig:
             raise ValueError(f"eval.benchmarks has unknown {unknown}; registered: {BENCHMARKS.names()}")
         for name in self.datasets:
             self.dataset(name)  # every entry must fit its benchmark's settings schema
-        unknown = [name for name in self.baselines if name not in METHODS]
+        unknown = [name for name in self.baselines if method_name(name) not in METHODS]
         if unknown:
             raise ValueError(f"eval.baselines has unknown {unknown}; registered: {METHODS.names()}")
         if "/" not in self.select_metric:

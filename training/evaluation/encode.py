@@ -98,6 +98,7 @@ def encode_gallery(
     batch_size: int = 128,
     workers: int = 2,
     desc: str = "images",
+    names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode the gallery once per distinct gallery space of `methods`, in one decoding pass.
 
@@ -106,19 +107,22 @@ def encode_gallery(
         methods: the methods to be scored (result name -> method).
         paths: image files, in gallery order.
         transform: the backbone's eval transform.
+        names: the gallery names of `paths` (methods that look up per-image texts read them).
 
     Returns:
-        gallery space -> (len(paths), D) float32 CPU tensor, L2-normalised.
+        gallery space -> (len(paths), D) float32 CPU tensor, L2-normalised (unless the method says otherwise).
     """
     encoders: dict[str, Method] = {}
     for method in methods.values():
         encoders.setdefault(method.gallery_space(model), method)
     outputs: dict[str, list[torch.Tensor]] = {space: [] for space in encoders}
-    for _, pixels, _ in _image_batches(paths, transform, batch_size, workers, desc, device):
-        batch = GalleryBatch(model, pixels.to(device, non_blocking=True))
+    for start, pixels, _ in _image_batches(paths, transform, batch_size, workers, desc, device):
+        stop = start + pixels.shape[0]
+        batch = GalleryBatch(model, pixels.to(device, non_blocking=True), list(names[start:stop]) if names else None)
         with autocast(device):
             for space, method in encoders.items():
-                outputs[space].append(_normalised(method.encode_gallery(batch)))
+                embedding = method.encode_gallery(batch)
+                outputs[space].append(_normalised(embedding) if method.normalise_gallery else embedding.float().cpu())
     return {space: torch.cat(chunks) if chunks else torch.zeros(0) for space, chunks in outputs.items()}
 
 
@@ -174,7 +178,8 @@ def encode_queries(
         result.phrases_dropped += dropped
         phrases = phrases.to(device) if phrases is not None else None
         spans, mask = (phrases.spans, phrases.mask) if phrases is not None else (None, None)
-        batch = QueryBatch(model, pixels, ids, spans, mask)
+        texts = [query.text for query in queries[start:stop]]
+        batch = QueryBatch(model, pixels, ids, spans, mask, texts, [query.query_id for query in queries[start:stop]])
         # The in-context maps come from the pass that encodes the queries, and its image-tower states feed the
         # isolated and tower maps: the image tower runs once per batch.
         recording = query_pass_states(model) if phrases is not None else contextlib.nullcontext()

@@ -5,8 +5,11 @@ Outputs under the checkpoint's run directory:
     <run>/eval/step_XXXXXXXX.json               metrics, baselines, versions, resolved config, top-k predictions
     <run>/eval/best.json                        the best checkpoint so far by eval.select_metric
     <run>/eval/submissions/step_XXXXXXXX/       CIRR test1 / CIRCO test files (when eval.splits has `test`)
-    <run>/tensorboard/                          eval/<benchmark>/<metric> at the checkpoint's training step
-                                                (grounding: eval/synthetic/grounding/<map>/<phrases>/<measure>)
+    <run>/eval/predictions/step_XXXXXXXX/<benchmark>/<method>.json
+                                                every other method's top-k predictions (the model's are in the JSON)
+    <run>/tensorboard/                          eval/<benchmark>/<metric> of the model at the checkpoint's training
+                                                step (grounding: eval/synthetic/grounding/<map>/<phrases>/<measure>),
+                                                and eval/<benchmark>/<method>/<metric> for every method
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from training.evaluation.benchmarks import BENCHMARKS, BenchmarkSplit
 from training.evaluation.config import EvalJob
 from training.evaluation.encode import resolve_device
 from training.evaluation.grounding import format_grounding, is_grounding_measure
-from training.evaluation.methods import METHODS
+from training.evaluation.methods import METHODS, method_name
 from training.evaluation.scoring import MODEL, EncodeSettings, SplitScores, combine_parts, score_split
 from training.evaluation.spans import phrase_span_finder
 from training.model.config import ModelConfig
@@ -123,13 +126,15 @@ def _benchmark_entry(
 class Evaluator:
     """Scores checkpoints of one run on the configured benchmarks; benchmark files are read once and reused."""
 
-    def __init__(self, config: EvalJob, benchmarks: list[str] | None = None) -> None:
+    def __init__(self, config: EvalJob, benchmarks: list[str] | None = None, methods: list[str] | None = None) -> None:
+        """`methods`: the methods scored beside the checkpoint's own (`eval.baselines` when None); `context`, the
+        checkpoint's own, is always scored and may be named among them."""
         self.config = config
         self.benchmarks = list(benchmarks if benchmarks is not None else config.eval.benchmarks)
         self.device = resolve_device(config.eval.device)
-        self.methods = {MODEL: METHODS.get(CHECKPOINT_METHOD)} | {
-            name: METHODS.get(name) for name in config.eval.baselines
-        }
+        others = [method_name(name) for name in (methods if methods is not None else config.eval.baselines)]
+        self.baselines = [name for name in dict.fromkeys(others) if name != CHECKPOINT_METHOD]
+        self.methods = {MODEL: METHODS.get(CHECKPOINT_METHOD)} | {name: METHODS.get(name) for name in self.baselines}
         self._splits: dict[str, tuple[list[BenchmarkSplit], BenchmarkSplit | None]] = {}
 
     def splits(self, name: str) -> tuple[list[BenchmarkSplit], BenchmarkSplit | None]:
@@ -167,6 +172,7 @@ class Evaluator:
             workers=self.config.eval.workers_for(self.device),
             top_k=self.config.eval.top_k,
             find_spans=phrase_span_finder(saved.backbone),
+            config=self.config,
         )
         result: dict[str, Any] = {
             "step": step,
@@ -179,10 +185,10 @@ class Evaluator:
             scored, unlabelled = self.splits(name)
             if scored:
                 parts = {split.name.split("/")[-1]: score_split(model, split, settings) for split in scored}
-                entry = _benchmark_entry(
-                    scored if len(scored) > 1 else scored[0], combine_parts(parts), self.config.eval.baselines
-                )
+                combined = combine_parts(parts)
+                entry = _benchmark_entry(scored if len(scored) > 1 else scored[0], combined, self.baselines)
                 result["benchmarks"][name] = entry
+                entry["method_predictions"] = write_method_predictions(run_dir, step, name, combined)
             if unlabelled is not None:
                 out_dir = run_dir / EVAL_DIR / "submissions" / layout.checkpoint_tag(step)
                 scores = score_split(model, unlabelled, settings)
@@ -201,6 +207,19 @@ class Evaluator:
         return result
 
 
+def write_method_predictions(run_dir: Path, step: int, benchmark: str, scores: SplitScores) -> dict[str, str]:
+    """`<run>/eval/predictions/step_X/<benchmark>/<method>.json` (query id -> top-k names) for every method but the
+    model, atomically; returns method -> path."""
+    out_dir = Path(run_dir) / EVAL_DIR / "predictions" / layout.checkpoint_tag(step) / benchmark
+    written = {}
+    for method, predictions in scores.method_predictions.items():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{method}.json"
+        layout.write_atomically(path, json.dumps(predictions, indent=0) + "\n")
+        written[method] = str(path)
+    return written
+
+
 def write_result(run_dir: Path, step: int, result: dict[str, Any]) -> Path:
     """`<run>/eval/step_XXXXXXXX.json`, atomically."""
     path = result_path(run_dir, step)
@@ -210,7 +229,8 @@ def write_result(run_dir: Path, step: int, result: dict[str, Any]) -> Path:
 
 
 def log_tensorboard(run_dir: Path, step: int, result: dict[str, Any]) -> None:
-    """`eval/<benchmark>/<metric>` for the model, `eval_baseline/<benchmark>/<baseline>/<metric>` beside them."""
+    """`eval/<benchmark>/<metric>` for the model, and `eval/<benchmark>/<method>/<metric>` for every method (the
+    model as `context`), so one TensorBoard chart per metric draws the methods side by side."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD), filename_suffix=".eval")
@@ -218,9 +238,10 @@ def log_tensorboard(run_dir: Path, step: int, result: dict[str, Any]) -> None:
         for name, entry in result["benchmarks"].items():
             for metric, value in entry["metrics"].items():
                 writer.add_scalar(f"eval/{name}/{metric}", value, global_step=step)
-            for baseline, metrics in entry["baselines"].items():
+            for method, metrics in {CHECKPOINT_METHOD: entry["metrics"], **entry["baselines"]}.items():
                 for metric, value in metrics.items():
-                    writer.add_scalar(f"eval_baseline/{name}/{baseline}/{metric}", value, global_step=step)
+                    if not is_grounding_measure(metric):
+                        writer.add_scalar(f"eval/{name}/{method}/{metric}", value, global_step=step)
     finally:
         writer.close()
 
@@ -266,7 +287,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"checkpoint step {result['step']} ({result['checkpoint']})"]
     for name, entry in result["benchmarks"].items():
         baselines = list(entry["baselines"])
-        columns = (MODEL, *baselines)
+        columns = (CHECKPOINT_METHOD, *baselines)
         version = entry["version"]
         parts = [version] if "queries" in version else [part for part in version.values() if isinstance(part, dict)]
         queries, gallery = (sum(int(part.get(key, 0)) for part in parts) for key in ("queries", "gallery"))

@@ -17,7 +17,7 @@ import torch
 from training.evaluation.benchmarks.base import BenchmarkSplit
 from training.evaluation.encode import SpanFinder, encode_gallery, encode_queries
 from training.evaluation.grounding import summarise
-from training.evaluation.methods.base import Method
+from training.evaluation.methods.base import Method, MethodContext
 from training.evaluation.metrics import (
     NO_INDEX,
     map_at_k,
@@ -46,6 +46,8 @@ class EncodeSettings:
     workers: int = 2
     top_k: int = 50
     find_spans: SpanFinder | None = None
+    config: Any = None
+    """The eval job's root config, which methods with their own networks or texts read (`MethodContext`)."""
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SplitScores:
     """query id -> the model's top-k gallery names (reference removed where the protocol removes it)."""
     subset_predictions: dict[str, list[str]] = field(default_factory=dict)
     """query id -> the model's ranking of its candidate set minus the reference (CIRR-style splits)."""
+    method_predictions: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """method (every one but `model`) -> query id -> its top-k gallery names."""
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +73,8 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
     """Encode a split's gallery and queries and score the model and every baseline under its protocol."""
     protocol = split.protocol
     index_of = split.gallery_index()
+    for method in settings.methods.values():
+        method.prepare(MethodContext(settings.config, settings.device, split))
     gallery_paths = [split.image_paths[name] for name in split.gallery]
     gallery = encode_gallery(
         model,
@@ -79,6 +85,7 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
         settings.batch_size,
         settings.workers,
         desc=f"{split.name} gallery",
+        names=split.gallery,
     )
     queries = encode_queries(
         model,
@@ -107,11 +114,14 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
         gallery_embeddings = gallery_embeddings.to(settings.device)
         rankings = rank_gallery(query_embeddings, gallery_embeddings, depth, exclude)
         subset_rankings = rank_subsets(query_embeddings, gallery_embeddings, members, references) if members else None
-        if method == MODEL:
-            scores.predictions = {
-                query.query_id: _names(ranking[: settings.top_k], split.gallery)
-                for query, ranking in zip(split.queries, rankings)
-            }
+        top = {
+            query.query_id: _names(ranking[: settings.top_k], split.gallery)
+            for query, ranking in zip(split.queries, rankings)
+        }
+        if method != MODEL:
+            scores.method_predictions[method] = top
+        else:
+            scores.predictions = top
             if subset_rankings is not None:
                 scores.subset_predictions = {
                     query.query_id: _names(ranking, split.gallery)
@@ -160,5 +170,9 @@ def combine_parts(parts: dict[str, SplitScores]) -> SplitScores:
         combined.metrics[method] = merged
     for part, scores in parts.items():
         combined.predictions.update({f"{part}/{key}": ranked for key, ranked in scores.predictions.items()})
+        for method, predictions in scores.method_predictions.items():
+            combined.method_predictions.setdefault(method, {}).update(
+                {f"{part}/{key}": ranked for key, ranked in predictions.items()}
+            )
         combined.details[part] = scores.details
     return combined

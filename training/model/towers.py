@@ -265,6 +265,10 @@ class ClipBackbone(nn.Module):
             if towers in (tower, "both"):
                 parameter.requires_grad_(False)
 
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, text_width) the text tower's input embedding of `ids` (before positions)."""
+        return self._text.token_embedding(ids)
+
     @property
     def _text(self) -> nn.Module:
         return getattr(self.clip, "text", self.clip)
@@ -311,14 +315,19 @@ class ClipBackbone(nn.Module):
         tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1) if self.image_prefix_tokens else patches
         return ImageFeatures(tokens=tokens, embedding=embedding)
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, text_width) token states after `ln_final` for ids (B, T), any T up to the context length."""
+    def encode_text(self, ids: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, text_width) token states after `ln_final` for ids (B, T), any T up to the context length.
+
+        `token_embeddings` (B, T, text_width) replaces the tower's embedding of `ids` (pseudo-words written into
+        some positions: `training.zeroshot.pseudo_words`); `ids` still place the end-of-text token for pooling.
+        """
         text = self._text
         length = ids.shape[1]
         if length > self.context_length:
             raise ValueError(f"text ids of length {length} exceed the tower's context {self.context_length}")
         cast_dtype = text.transformer.get_cast_dtype()
-        hidden = text.token_embedding(ids).to(cast_dtype) + text.positional_embedding[:length].to(cast_dtype)
+        tokens = text.token_embedding(ids) if token_embeddings is None else token_embeddings
+        hidden = tokens.to(cast_dtype) + text.positional_embedding[:length].to(cast_dtype)
         causal = text.attn_mask[:length, :length] if text.attn_mask is not None else None
         hidden = text.transformer(hidden, attn_mask=causal)
         return text.ln_final(hidden)

@@ -164,7 +164,7 @@ class Monitor:
             batches: the step's micro-batches on this rank (attention-map images, the FLOPs of perf/mfu).
         """
         step, every = state.step, self.settings
-        if step % every.image_every == 0:
+        if step % every.image_every == 0 and hasattr(self.model, "concept_maps"):  # phi and TisCIR draw none
             self._log_attention(step, batches[0])
         if self.rank != 0:
             return
@@ -195,7 +195,7 @@ class Monitor:
             scalars["train/grad_norm"] = result.grad_norm
         if self.device.type == "cuda":
             scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if self.peak_flops:
+            if self.peak_flops and hasattr(self.model, "fusion"):  # the analytic count is ConText-CIR's
                 # Every rank runs the same model on equal batches: one rank's FLOPs over one GPU's peak.
                 flops = sum(step_flops(self.model, StepShape.of(batch), self.text_cc) for batch in batches)
                 scalars["perf/mfu"] = flops / step_time / self.peak_flops

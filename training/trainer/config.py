@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from training.engine.config import BatchGeometry
 
-OBJECTIVES = ("context", "towers")
+OBJECTIVES = ("context", "towers", "phi", "tiscir")
 
 
 @dataclass
@@ -24,8 +24,9 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     """Abort after this many non-finite steps in a row."""
     objective: str = "context"
-    """What the job trains: `context` (ConText-CIR: contrastive + Text-CC) or `towers` (the CLIP-style pretraining
-    of the open_clip towers on described images, section `pretrain`)."""
+    """What the job trains: `context` (ConText-CIR: contrastive + Text-CC), `towers` (the CLIP-style pretraining
+    of the open_clip towers on described images, section `pretrain`), or one of the other methods on frozen towers
+    (DESIGN section 13): `phi` (textual inversion, `methods.phi`) or `tiscir` (`methods.tiscir`)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

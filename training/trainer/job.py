@@ -18,6 +18,7 @@ from training.monitor.config import LoggingConfig
 from training.objectives.config import LossConfig
 from training.objectives.pretrain_config import PretrainConfig
 from training.trainer.config import TrainConfig
+from training.zeroshot.config import MethodsConfig
 
 
 class TrainJob(Protocol):
@@ -27,6 +28,7 @@ class TrainJob(Protocol):
     data: DataConfig
     loss: LossConfig
     pretrain: PretrainConfig
+    methods: MethodsConfig
     optim: OptimConfig
     deepspeed: DeepSpeedConfig
     train: TrainConfig

@@ -85,6 +85,10 @@ def build_objective(config: TrainJob) -> torch.nn.Module:
         from training.objectives.tower_pretraining import TowerPretrainObjective
 
         return TowerPretrainObjective(config.model, config.pretrain)
+    if config.train.objective in ("phi", "tiscir"):
+        from training.zeroshot.networks import build_method_objective
+
+        return build_method_objective(config.train.objective, config.model, config.methods)
     from training.objectives.context_cir import ConTextObjective
 
     return ConTextObjective(config.model, config.loss)

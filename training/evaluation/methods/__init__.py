@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
-from training.evaluation.methods.base import METHODS, GalleryBatch, Method, QueryBatch, register_method
+from training.evaluation.methods.base import (
+    METHODS,
+    GalleryBatch,
+    Method,
+    MethodContext,
+    MethodError,
+    QueryBatch,
+    method_name,
+    register_method,
+)
 
-__all__ = ["METHODS", "GalleryBatch", "Method", "QueryBatch", "register_method"]
+__all__ = [
+    "METHODS",
+    "GalleryBatch",
+    "Method",
+    "MethodContext",
+    "MethodError",
+    "QueryBatch",
+    "method_name",
+    "register_method",
+]

@@ -8,8 +8,9 @@ per-batch views, so scoring ConText-CIR beside the zero-shot baselines runs each
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from training.registry import Registry
 
@@ -34,12 +35,17 @@ class QueryBatch:
         caption_ids: torch.Tensor,
         np_spans: torch.Tensor | None = None,
         np_mask: torch.Tensor | None = None,
+        texts: list[str] | None = None,
+        query_ids: list[str] | None = None,
     ) -> None:
         self.model = model
         self.reference_images = reference_images
         self.caption_ids = caption_ids
         self.np_spans = np_spans
         self.np_mask = np_mask
+        self.texts = texts or []
+        """The query texts as read (methods that build their own sentences from them)."""
+        self.query_ids = query_ids or []
 
     @cached_property
     def views(self) -> dict[str, torch.Tensor]:
@@ -50,9 +56,11 @@ class QueryBatch:
 class GalleryBatch:
     """One batch of gallery images on the device; the image tower runs at most once for all methods."""
 
-    def __init__(self, model: torch.nn.Module, images: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, names: list[str] | None = None) -> None:
         self.model = model
         self.images = images
+        self.names = names or []
+        """The gallery names of the images (methods that look up per-image texts)."""
 
     @cached_property
     def features(self):
@@ -60,8 +68,28 @@ class GalleryBatch:
         return self.model.backbone.encode_image(self.images)
 
 
+class MethodError(ValueError):
+    """A method cannot run as configured (no trained checkpoint, an unreachable endpoint); the message says what to
+    set or start."""
+
+
+@dataclass
+class MethodContext:
+    """What a method may read before a split is encoded: the eval job's config, the device, the split."""
+
+    config: Any
+    """The root config of the eval job (`methods`, `model`, `eval` sections)."""
+    device: torch.device
+    split: Any
+    """The `BenchmarkSplit` about to be encoded."""
+
+
 class Method(ABC):
-    """A retrieval method scored by the eval job. Embeddings need not be normalised: the encoder normalises."""
+    """A retrieval method scored by the eval job. Embeddings need not be normalised: the encoder normalises (the
+    gallery's only where `normalise_gallery`)."""
+
+    normalise_gallery: bool = True
+    """False for a method whose gallery embedding is a weighted sum of unit parts that must keep its length."""
 
     name: str
     """Its name in `eval.baselines`, results and the docs."""
@@ -71,6 +99,11 @@ class Method(ABC):
     def gallery_space(self, model: torch.nn.Module) -> str:
         """Methods that return the same gallery embedding name the same space, so the gallery is encoded once."""
         return self.name
+
+    def prepare(self, context: MethodContext) -> None:
+        """Load what the method needs beyond the checkpoint (its own network, texts of the split's images) before
+        the split is encoded; called once per split. Most methods need nothing."""
+        return None
 
     @abstractmethod
     def encode_query(self, batch: QueryBatch) -> torch.Tensor:
@@ -82,6 +115,14 @@ class Method(ABC):
 
 
 METHODS: Registry[Method] = Registry("method", "training.evaluation.methods")
+
+METHOD_ALIASES = {"sum": "image_text_sum"}
+"""Short names accepted wherever methods are named (`--methods`, `eval.baselines`)."""
+
+
+def method_name(name: str) -> str:
+    """The registered name of `name` or its alias."""
+    return METHOD_ALIASES.get(name, name)
 
 
 def register_method(method: Method) -> Method:

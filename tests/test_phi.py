@@ -1,0 +1,78 @@
+"""Textual inversion phi: pseudo-words enter the text tower exactly where the placeholder stood, noun phrases
+collapse into one placeholder, and both objectives train phi alone (the towers stay fixed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shards.model_inputs import tokenizer
+from training.model.config import ModelConfig
+from training.zeroshot.config import PhiConfig
+from training.zeroshot.phi_net import PhiNetwork, PhiObjective, mask_noun_phrases
+from training.zeroshot.pseudo_words import encode_with_pseudo_words, fill_template, placeholder_id
+
+TINY = ModelConfig(backbone="ContextTiny", fusion_layers=1, fusion_heads=4)
+
+
+@pytest.fixture(scope="module")
+def network() -> PhiNetwork:
+    torch.manual_seed(0)
+    return PhiNetwork(TINY, PhiConfig(concepts=["red circle", "blue square"])).eval()
+
+
+def test_a_pseudo_word_equal_to_a_real_token_reads_like_that_word(network) -> None:
+    tokenize = tokenizer("ContextTiny")
+    backbone = network.backbone
+    word_id = int(tokenize(["cat"])[0, 1])
+    with torch.no_grad():
+        word = backbone.token_embedding(torch.tensor([[word_id]]))  # (1, 1, W)
+        ids = tokenize([fill_template("a photo of $ that {caption}", "Is Blue.")])
+        pseudo = encode_with_pseudo_words(backbone, ids, word, placeholder_id(tokenize))
+        real_ids = tokenize(["a photo of cat that is blue"])
+        real = backbone.text_embedding(backbone.encode_text(real_ids), real_ids)
+        other = encode_with_pseudo_words(backbone, ids, torch.randn_like(word) * 3, placeholder_id(tokenize))
+    torch.testing.assert_close(pseudo, real)
+    assert not torch.allclose(other, real, atol=1e-3)  # the word matters
+    with pytest.raises(ValueError, match="placeholder"):
+        encode_with_pseudo_words(backbone, tokenize(["no slot here"]), word, placeholder_id(tokenize))
+
+
+def test_noun_phrases_collapse_into_one_placeholder_each() -> None:
+    ids = torch.tensor([[49406, 10, 11, 12, 13, 14, 49407, 0], [49406, 20, 21, 49407, 0, 0, 0, 0]])
+    spans = torch.tensor([[[2, 4], [5, 6]], [[0, 0], [0, 0]]])
+    mask = torch.tensor([[True, True], [False, False]])
+    masked = mask_noun_phrases(ids, spans, mask, placeholder=7)
+    assert masked.tolist() == [[49406, 10, 7, 13, 7, 49407, 0, 0], ids[1].tolist()]
+
+
+@pytest.mark.parametrize("objective", ["image", "text"])
+def test_each_objective_trains_phi_alone_and_lowers_its_loss(objective: str) -> None:
+    torch.manual_seed(0)
+    module = PhiObjective(TINY, PhiConfig(objective=objective, concepts=["red circle", "blue square"], dropout=0.0))
+    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    assert trainable and all(name.startswith("model.phi.") for name in trainable)
+    tokenize = tokenizer("ContextTiny")
+    captions = ["a red circle beside a blue square", "two green triangles on the left"] * 2
+    ids = tokenize(captions)
+    spans = torch.tensor([[[1, 4], [6, 9]], [[1, 4], [0, 0]]] * 2)
+    batch = {
+        "reference_image": torch.rand(4, 3, 64, 64),
+        "caption_ids": ids,
+        "np_spans": spans,
+        "np_mask": spans[..., 1] > 0,
+    }
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    losses, keys = [], set()
+    for _ in range(12):
+        out = module(batch)
+        keys.add(tuple(sorted(out)))
+        loss = sum(value for name, value in out.items() if name.endswith("_loss"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert len(keys) == 1
+    assert losses[-1] < losses[0]
+    if objective == "image":
+        assert "concept_loss" in out

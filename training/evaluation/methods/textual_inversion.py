@@ -1,0 +1,88 @@
+"""Textual inversion (SEARLE / LinCIR family): "a photo of $ that {text}", `$` being phi of the reference image.
+
+phi comes from a phi run of this system (`methods.phi.checkpoint`, scored on that run's frozen towers) or from a
+file as SEARLE or LinCIR release it (`methods.phi.released_weights`, scored on the towers of the `model` section).
+The gallery is the same towers' CLIP image embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from training.evaluation.methods.base import (
+    GalleryBatch,
+    Method,
+    MethodContext,
+    MethodError,
+    QueryBatch,
+    register_method,
+)
+
+if TYPE_CHECKING:  # config validation reads the registry's names: keep torch out of that import
+    import torch
+
+
+def phi_network(context: MethodContext, cache: dict) -> torch.nn.Module:
+    """The `PhiNetwork` that `methods.phi` names, loaded once per (source, device) into `cache`.
+
+    Raises:
+        MethodError: neither a checkpoint nor released weights are set, or they cannot be loaded.
+    """
+    settings = context.config.methods.phi
+    source = settings.checkpoint or settings.released_weights
+    if not source:
+        raise MethodError(
+            "set methods.phi.checkpoint (a phi run, e.g. runs/phi_tiny/checkpoints/latest after `python "
+            "launch/train.py --config configs/phi_tiny.yaml`) or methods.phi.released_weights to score phi"
+        )
+    key = (source, settings.released_format, str(context.device))
+    if key not in cache:
+        cache.clear()
+        try:
+            cache[key] = _load(context, settings)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise MethodError(f"phi: cannot load {source}: {error}") from error
+    return cache[key]
+
+
+def _load(context: MethodContext, settings) -> torch.nn.Module:
+    from training.zeroshot.networks import load_method_network
+
+    if settings.checkpoint:
+        return load_method_network(settings.checkpoint, "phi", context.device)
+    from training.zeroshot.phi_net import PhiNetwork
+    from training.zeroshot.phi_weights import load_released_phi, phi_dims
+
+    state = load_released_phi(settings.released_weights, settings.released_format)
+    _, hidden, _ = phi_dims(state)
+    released = dataclasses.replace(settings, hidden_dim=hidden, dropout=0.0, normalise_input=False)
+    network = PhiNetwork(context.config.model, released)
+    network.phi.load_state_dict(state, strict=True)
+    network.backbone_name = context.config.model.backbone
+    return network.to(context.device).eval()
+
+
+class TextualInversion(Method):
+    name = "phi"
+    summary = "textual inversion: 'a photo of $ that {text}', $ = phi(reference image) (methods.phi)"
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+        self.network = None
+
+    def gallery_space(self, model: torch.nn.Module) -> str:
+        return "phi_towers"
+
+    def prepare(self, context: MethodContext) -> None:
+        self.network = phi_network(context, self._cache)
+
+    def encode_query(self, batch: QueryBatch) -> torch.Tensor:
+        image = self.network.backbone.encode_image(batch.reference_images).embedding
+        return self.network.query_embedding(image, batch.texts)
+
+    def encode_gallery(self, batch: GalleryBatch) -> torch.Tensor:
+        return self.network.backbone.encode_image(batch.images).embedding
+
+
+PHI = register_method(TextualInversion())
