@@ -6,6 +6,8 @@ Inside the workers such a problem surfaced only after Ray and DeepSpeed had star
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cluster.root_config import RootConfig
 from shards.storage import ShardStorageError
 
@@ -13,6 +15,7 @@ from shards.storage import ShardStorageError
 def startup_problems(config: RootConfig) -> list[str]:
     """Every problem found, each a line naming the key or file and what to do; empty when the job can start."""
     from shards.stream.reader import shard_store, verified_index
+    from training.checkpoint import layout
     from training.checkpoint.checkpointer import fresh_start_conflict, resume_problem
 
     problems = []
@@ -23,6 +26,12 @@ def startup_problems(config: RootConfig) -> list[str]:
         mismatch = resume_problem(config.run_dir, config.world_size)
         if mismatch is not None:
             problems.append(mismatch)
+    fresh = layout.latest_complete(config.run_dir) is None
+    for key in ("weights_file", "init_from"):  # every worker reads the first; a fresh run the second
+        value = getattr(config.model, key)
+        if value and (fresh or key == "weights_file") and not Path(value).is_file():
+            hint = " (configs/tiscir_tiny.yaml starts from the msmp stage: train configs/tiscir_msmp_tiny.yaml first)"
+            problems.append(f"model.{key}: {value} not found" + (hint if "tiscir_msmp" in value else ""))
     try:
         verified_index(shard_store(config.data), config.model.backbone)
     except (OSError, ValueError, ShardStorageError) as error:

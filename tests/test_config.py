@@ -157,7 +157,9 @@ def test_a_local_file_wins_over_a_shipped_name_and_a_missing_one_lists_the_confi
         assert find_config("vith.yaml") == Path("vith.yaml")
         assert find_config("vitb") == REPO_ROOT / "configs" / "vitb.yaml"
         with pytest.raises(
-            ConfigError, match="shipped configs .*: generate_synthetic, tiny, tiny_pretrain, vitb, vith, vitl"
+            ConfigError,
+            match="shipped configs .*: generate_synthetic, phi_tiny, phi_vitl, tiny, tiny_pretrain, tiscir_msmp_tiny, "
+            "tiscir_tiny, vitb, vith, vitl",
         ):
             find_config("vitz")
         with pytest.raises(ConfigError, match="not found: missing/vith.yaml"):

@@ -93,3 +93,15 @@ def test_phi_and_tiscir_train_on_the_engine_and_resume_exactly(tmp_path):
         assert result["equal"], f"{name}: the resumed run's weights differ from the unbroken run's"
         assert result["losses"][0] == result["losses"][1], name
         assert result["heads_moved"] and result["towers_fixed"], name
+
+
+def test_a_missing_stage_one_is_found_before_ray_starts(tmp_path):
+    from cluster.preflight import startup_problems
+
+    config = load_config(REPO_ROOT / "configs" / "tiscir_tiny.yaml", [f"cluster.storage_path={tmp_path}"])
+    problems = startup_problems(config)
+    assert any(
+        line.startswith("model.init_from: runs/tiscir_msmp_tiny/")
+        and "train configs/tiscir_msmp_tiny.yaml first" in line
+        for line in problems
+    ), problems

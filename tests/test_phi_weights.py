@@ -14,30 +14,9 @@ from collections import OrderedDict
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
+from training.zeroshot.phi_net import Phi
 from training.zeroshot.phi_weights import PHI_KEYS, ReleasedWeightsError, load_released_phi, phi_dims
-
-try:
-    from training.zeroshot.phi_net import Phi
-except ImportError:  # phi_net.py (or what it imports) not there yet: the same layers
-
-    class Phi(nn.Module):
-        def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, dropout: float = 0.5) -> None:
-            super().__init__()
-            self.layers = nn.Sequential(
-                nn.Linear(input_dim, hidden_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(hidden_dim, hidden_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(hidden_dim, output_dim),
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.layers(x)
-
 
 DIMS = (16, 64, 24)
 
