@@ -61,7 +61,8 @@ def scene_captions(image: dict[str, Any], count: int) -> list[str]:
         image["description"],
         f"a picture of {number} {noun}: " + _joined([f"a {name}" for name in named]),
         _joined([f"the {name} is {_place(obj['position'])}" for name, obj in zip(named, objects)]),
-        f"a {image.get('background', 'white')} canvas with " + _joined([f"a {o['size']} {n}" for n, o in zip(named, objects)]),
+        f"a {image.get('background', 'white')} canvas with "
+        + _joined([f"a {o['size']} {n}" for n, o in zip(named, objects)]),
     ]
     others = len(objects) - 1
     for name, obj in zip(named, objects):

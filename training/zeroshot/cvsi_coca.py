@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from shards.generate.cache import ResponseCache, request_key
 from shards.model_inputs import eval_transform, tokenizer
 from training.model.towers import PretrainedWeightsUnavailable, create_open_clip
 from training.zeroshot.cvsi_config import CVSIConfig
@@ -25,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 MIN_TOKENS = 5
 """Shortest caption in tokens, start of text included (open_clip's `min_seq_len`)."""
+DECODER_VERSION = "coca-decode-v1"
+"""Part of every cache key; bump it when the decoding below changes."""
 RANDOM_INIT_SEED = 0
 """Seed of a CoCa built without weights (tests), so that its captions, like a trained one's, never change."""
 
@@ -33,8 +38,11 @@ def weights_identity(config: CVSIConfig) -> str:
     """What decides the CoCa weights, for the cache key: the weights file's sha256, the pretrained tag, or
     `random` (no weights: random init with a fixed seed)."""
     if config.coca_weights_file:
+        path = Path(config.coca_weights_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"methods.cvsi.coca_weights_file: no such file {path}")
         digest = hashlib.sha256()
-        with Path(config.coca_weights_file).open("rb") as weights:
+        with path.open("rb") as weights:
             for block in iter(lambda: weights.read(1 << 24), b""):
                 digest.update(block)
         return f"file-sha256:{digest.hexdigest()}"
@@ -45,6 +53,18 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _initialise_decoder_projection(model: torch.nn.Module) -> None:
+    """Random-init the caption decoder's output projection, which open_clip leaves as `torch.empty` (its
+    `MultimodalTransformer.init_parameters` is never called): uninitialised memory, zeros one run and NaN the next.
+    Loaded weights overwrite it; only a CoCa without weights needs this."""
+    projection = getattr(getattr(model, "text_decoder", None), "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        generator = torch.Generator().manual_seed(RANDOM_INIT_SEED)
+        values = torch.randn(projection.shape, generator=generator) * projection.shape[0] ** -0.5
+        with torch.no_grad():
+            projection.copy_(values.to(projection.device, projection.dtype))
 
 
 class CocaCaptioner:
@@ -58,19 +78,22 @@ class CocaCaptioner:
             with torch.random.fork_rng(devices=[]):  # random init is reproducible, the caller's RNG untouched
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = create_open_clip(config.coca_model, tag, weights_file, config.coca_cache_dir, self.device)
+            if not tag and not weights_file:
+                _initialise_decoder_projection(model)
         except PretrainedWeightsUnavailable as error:
             raise PretrainedWeightsUnavailable(
-                f"methods.cvsi: the CoCa captioner {config.coca_model!r} tag {tag!r} has no weights here ({error}). "
-                f"Set methods.cvsi.coca_weights_file=/path/to/open_clip_model.safetensors, or "
-                f"methods.cvsi.coca_cache_dir to an open_clip cache holding the tag, or use "
-                f"methods.cvsi.captioner=openai"
+                f"methods.cvsi: no weights for the CoCa captioner {config.coca_model!r} tag {tag!r} here. Set "
+                f"methods.cvsi.coca_weights_file=/path/to/open_clip_model.safetensors, or methods.cvsi.coca_cache_dir "
+                f"to an open_clip cache that holds the tag, or use methods.cvsi.captioner=openai. Detail: {error}"
             ) from error
         except ValueError as error:
             raise ValueError(f"methods.cvsi.coca_model / coca_pretrained / coca_weights_file: {error}") from error
         if not hasattr(model, "text_decoder"):
             raise ValueError(f"methods.cvsi.coca_model={config.coca_model!r} is not a CoCa model (no text decoder)")
         if not tag and not weights_file:
-            logger.warning("cvsi: CoCa %s has random weights (no coca_pretrained or coca_weights_file)", config.coca_model)
+            logger.warning(
+                "cvsi: CoCa %s has random weights (no coca_pretrained or coca_weights_file)", config.coca_model
+            )
         self.model = model.eval()
         self.transform = eval_transform(config.coca_model)
         self.tokenizer = tokenizer(config.coca_model)
@@ -113,3 +136,36 @@ class CocaCaptioner:
                 break
             ids.append(token)
         return " ".join(self.tokenizer.decode(ids[1:]).split())
+
+
+class CachedCoca:
+    """CoCa's captions of an image by content hash, through the response cache: the model is loaded on the first
+    miss only, so a rerun loads nothing. One generation at a time (thread-safe)."""
+
+    def __init__(self, config: CVSIConfig, cache: ResponseCache) -> None:
+        self.config, self.cache = config, cache
+        self.settings = {
+            "weights": weights_identity(config),  # before any image: a missing weights file is no per-image failure
+            "count": config.captions_per_image,
+            "max_tokens": config.coca_max_tokens,
+            "top_k": config.coca_top_k,
+        }
+        self.generations = 0
+        """Images captioned by the model in this run (cache hits excluded)."""
+        self._captioner: CocaCaptioner | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path, image_hash: str) -> list[str]:
+        """The image's captions; raises OSError when the file cannot be read."""
+        key = request_key(DECODER_VERSION, self.config.coca_model, "coca_captions", [image_hash], [], self.settings)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return json.loads(cached["text"])["captions"]
+        image_bytes = Path(path).read_bytes()
+        with self._lock:
+            if self._captioner is None:
+                self._captioner = CocaCaptioner(self.config)
+            captions = self._captioner.captions(image_bytes, image_hash, self.settings["count"])
+            self.generations += 1
+        self.cache.put(key, {"text": json.dumps({"captions": captions}), "prompt_tokens": 0, "completion_tokens": 0})
+        return captions

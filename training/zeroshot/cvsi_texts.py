@@ -39,8 +39,6 @@ PROMPT_SET = "cvsi"
 TEMPLATES = ("system", "captions", "edit", "repair")
 CAPTIONS_STAGE, EDIT_STAGE = "cvsi_captions", "cvsi_edit"
 """The `response_format` names: the scene oracle answers by them."""
-COCA_VERSION = "coca-decode-v1"
-"""Cache version of the CoCa decoder (`cvsi_coca`); bump it when its decoding changes."""
 UNREACHABLE_REASONS = ("connection error", "timeout")
 OFFLINE_HINT = "offline, start the scene oracle: python launch/scene_oracle.py --root data/synthetic --port 8011"
 
@@ -100,7 +98,12 @@ def edit_schema(count: int) -> dict[str, Any]:
     """`{"captions": [one edited caption per caption], "added": [objects]}`."""
     added = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 60}, "maxItems": 20}
     properties = {"captions": _texts(count, 400), "added": added}
-    return {"type": "object", "properties": properties, "required": ["captions", "added"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": ["captions", "added"],
+        "additionalProperties": False,
+    }
 
 
 def parse_json(text: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +187,11 @@ class _Stage:
             raise _ItemFailed(f"endpoint: {error}") from None
         self._count(completion.usage.calls, answered=True)
         usage = completion.usage
-        entry = {"text": completion.text, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+        entry = {
+            "text": completion.text,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+        }
         self.cache.put(key, entry)
         return completion.text
 
@@ -237,54 +244,32 @@ class _Captioner:
     """Captions of one image (by content hash) from the endpoint or from CoCa, cached either way."""
 
     def __init__(self, config: CVSIConfig, cache: ResponseCache) -> None:
-        self.config, self.cache = config, cache
         self.count = config.captions_per_image
         self.stage = _Stage(CAPTIONS_STAGE, config.captioner_endpoint, config.captioner_model, config, cache)
-        self.generations = 0
-        self._coca = None
-        self._coca_lock = threading.Lock()
-        self._coca_key: str | None = None
+        self.coca = None
+        if config.captioner == "coca":
+            from training.zeroshot.cvsi_coca import CachedCoca  # torch only where CoCa runs
+
+            self.coca = CachedCoca(config, cache)
 
     @property
     def calls(self) -> int:
-        return self.stage.calls + self.generations
+        return self.stage.calls + (self.coca.generations if self.coca is not None else 0)
 
     def __call__(self, path: Path, image_hash: str) -> list[str]:
-        if self.config.captioner == "coca":
-            return self._coca_captions(path, image_hash)
+        if self.coca is not None:
+            try:
+                return self.coca(path, image_hash)
+            except OSError as error:
+                raise _ItemFailed(f"unreadable image ({type(error).__name__}: {error})") from None
         prompts = self.stage.prompts
+        text = {"type": "text", "text": prompts.stage_text("captions", count=str(self.count))}
         messages = [
             {"role": "system", "content": prompts.texts["system"].strip()},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": prompts.stage_text("captions", count=str(self.count))},
-                    image_part(_read(path)),
-                ],
-            },
+            {"role": "user", "content": [text, image_part(_read(path))]},
         ]
         answer = self.stage.ask(messages, [image_hash], captions_schema(self.count))
         return [caption.strip() for caption in answer["captions"]]
-
-    def _coca_captions(self, path: Path, image_hash: str) -> list[str]:
-        from training.zeroshot.cvsi_coca import CocaCaptioner, weights_identity
-
-        config = self.config
-        with self._coca_lock:  # one model, one generation at a time
-            if self._coca_key is None:
-                self._coca_key = weights_identity(config)
-            settings = {"weights": self._coca_key, "count": self.count, "max_tokens": config.coca_max_tokens}
-            settings["top_k"] = config.coca_top_k
-            key = request_key(COCA_VERSION, config.coca_model, "coca_captions", [image_hash], [], settings)
-            cached = self.cache.get(key)
-            if cached is not None:
-                return json.loads(cached["text"])["captions"]
-            if self._coca is None:
-                self._coca = CocaCaptioner(config)  # only when something is not cached: a rerun loads nothing
-            captions = self._coca.captions(_read(path), image_hash, self.count)
-            self.generations += 1
-            self.cache.put(key, {"text": json.dumps({"captions": captions}), "prompt_tokens": 0, "completion_tokens": 0})
-            return captions
 
 
 def _read(path: Path) -> bytes:
@@ -371,7 +356,9 @@ def cvsi_texts(
         answer = editor.ask(_edit_messages(reference_captions, modification), [], schema)
         return CaptionEdit([c.strip() for c in answer["captions"]], [a.strip() for a in answer["added"]])
 
-    answers = _run_all({key: (lambda key=key: edit(key)) for key in requests}, config.concurrency, "cvsi edits", progress)
+    answers = _run_all(
+        {key: (lambda key=key: edit(key)) for key in requests}, config.concurrency, "cvsi edits", progress
+    )
     edits: dict[str, CaptionEdit] = {}
     for query_id, reference, _ in queries:
         answer = answers.get(request_of.get(query_id, ""))

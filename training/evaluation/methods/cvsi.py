@@ -72,7 +72,7 @@ class CVSIMethod(Method):
         queries = [(query.query_id, query.reference, query.text) for query in split.queries]
         try:
             self.texts = cvsi_texts(self.settings, images, queries)
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, ValueError) as error:  # an endpoint that never answers, a captioner missing
             raise MethodError(f"cvsi: {error}") from error
 
     def encode_query(self, batch: QueryBatch) -> torch.Tensor:
