@@ -83,7 +83,9 @@ def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path
         metrics = entry["baselines"][name]
         assert {"recall@1", "recall@5", "recall@10", "recall_subset@1"} <= set(metrics), name
         predictions = json.loads(Path(entry["method_predictions"][name]).read_text())
-        assert len(predictions) == queries and all(len(ranked) == min(50, gallery - 1) for ranked in predictions.values())
+        assert len(predictions) == queries and all(
+            len(ranked) == min(50, gallery - 1) for ranked in predictions.values()
+        )
     assert entry["baselines"]["cvsi"] != entry["baselines"]["phi"]  # the captions and edits change the ranking
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
