@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -65,13 +67,15 @@ def _overrides(tmp_path: Path, world: dict, endpoint: str | None = None) -> list
 
 
 @pytest.mark.slow
-def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path, world, capsys) -> None:
+def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path, world, capsys, caplog) -> None:
     overrides = _overrides(tmp_path, world)
     config = load_config(TINY, overrides)
     write_checkpoint(config.run_dir, 10, config)
     latest = str(config.run_dir / "checkpoints" / "latest")
     main = _eval_main()
+    caplog.set_level(logging.INFO, logger="training.evaluation.methods.cvsi")
     assert main(["--config", TINY, "--checkpoint", latest, "--methods", ALL, *overrides]) == 0
+    first_calls = int(re.search(r", (\d+) captioner/LLM calls", caplog.text).group(1))
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.strip().startswith("metric"))
     assert header.split()[1:] == ["context", *OTHERS]
@@ -79,6 +83,7 @@ def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path
     entry = result["benchmarks"]["synthetic"]
     assert list(entry["baselines"]) == list(OTHERS)
     queries, gallery = entry["version"]["queries"], entry["version"]["gallery"]
+    assert first_calls >= gallery + queries  # the first run asked for every image's captions and every edit
     for name in OTHERS:
         metrics = entry["baselines"][name]
         assert {"recall@1", "recall@5", "recall@10", "recall_subset@1"} <= set(metrics), name
@@ -104,7 +109,10 @@ def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path
     write_checkpoint(config_again.run_dir, 10, config_again)
     latest_again = str(config_again.run_dir / "checkpoints" / "latest")
     command = ["--config", TINY, "--checkpoint", latest_again, "--methods", "context,cvsi", *rerun]
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="training.evaluation.methods.cvsi")
     assert main([*command, f"cluster.storage_path={again}"]) == 0
+    assert re.search(r", 0 captioner/LLM calls", caplog.text), caplog.text
     second = json.loads((config_again.run_dir / "eval" / "step_00000010.json").read_text())
     assert second["benchmarks"]["synthetic"]["baselines"]["cvsi"] == entry["baselines"]["cvsi"]
 

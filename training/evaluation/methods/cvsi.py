@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from training.evaluation.methods.base import (
@@ -27,6 +28,8 @@ from training.evaluation.methods.textual_inversion import phi_network
 
 if TYPE_CHECKING:  # config validation reads the registry's names: keep torch out of that import
     import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _mean_text_embedding(network, groups: list[list[str]], device) -> torch.Tensor:
@@ -72,6 +75,14 @@ class CVSIMethod(Method):
         queries = [(query.query_id, query.reference, query.text) for query in split.queries]
         try:
             self.texts = cvsi_texts(self.settings, images, queries)
+            logger.info(
+                "cvsi %s: captions of %d images and edits of %d queries, %d captioner/LLM calls (the rest cached in %s)",
+                split.name,
+                len(images),
+                len(queries),
+                self.texts.calls,
+                self.settings.cache_dir,
+            )
         except (OSError, RuntimeError, ValueError) as error:  # an endpoint that never answers, a captioner missing
             raise MethodError(f"cvsi: {error}") from error
 
