@@ -148,7 +148,8 @@ class PhiObjective(nn.Module):
     def _text_objective(self, ids: torch.Tensor, spans: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         network = self.model
         with torch.no_grad():
-            caption = F.normalize(network.backbone.text_embedding(network.backbone.encode_text(ids), ids).float(), -1)
+            states = network.backbone.encode_text(ids)
+            caption = F.normalize(network.backbone.text_embedding(states, ids).float(), dim=-1)
             scale = torch.rand(len(ids), 1, device=ids.device) * self.config.noise_std
             noisy = caption + scale * torch.randn_like(caption) / caption.shape[1] ** 0.5
         masked = mask_noun_phrases(ids, spans, mask, network.placeholder)
