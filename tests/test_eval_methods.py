@@ -129,6 +129,15 @@ def test_methods_without_their_checkpoints_or_endpoint_end_in_one_error_line(tmp
     assert main(["--config", TINY, "--checkpoint", latest, "--methods", "phi", *unset]) == 2
     error = capsys.readouterr().err
     assert error.startswith("eval error:") and "methods.phi.checkpoint" in error and "Traceback" not in error
+    msmp = load_config(
+        REPO / "configs" / "tiscir_msmp_tiny.yaml",
+        [f"cluster.storage_path={tmp_path / 'runs'}", "cluster.run_name=msmp", "model.weights_file=null"],
+    )
+    write_method_checkpoint(msmp.run_dir, 2, msmp)
+    stage_one = [*overrides, f"methods.tiscir.checkpoint={msmp.run_dir / 'checkpoints' / 'latest'}"]
+    assert main(["--config", TINY, "--checkpoint", latest, "--methods", "tiscir", *stage_one]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("eval error: tiscir:") and "msmp stage" in error
     dead = _overrides(tmp_path / "dead", world, endpoint="http://127.0.0.1:9/v1")
     assert main(["--config", TINY, "--checkpoint", latest, "--methods", "cvsi", *dead]) == 2
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar

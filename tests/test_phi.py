@@ -78,3 +78,18 @@ def test_each_objective_trains_phi_alone_and_lowers_its_loss(objective: str) -> 
     assert 0.0 <= float(out["phi_loss"]) <= 2.0
     if objective == "image":
         assert "concept_loss" in out
+
+
+def test_a_dollar_in_the_text_never_becomes_a_second_slot() -> None:
+    tokenize = tokenizer("ContextTiny")
+    ids = tokenize([fill_template("a photo of $ that {caption}", "Costs under $20 and $5")])
+    assert int((ids == placeholder_id(tokenize)).sum()) == 1
+
+
+def test_methods_with_towers_of_other_image_inputs_are_refused() -> None:
+    from training.evaluation.methods import MethodContext, MethodError
+
+    context = MethodContext(config=None, device=torch.device("cpu"), split=None, backbone="ContextTiny")
+    context.check_inputs("phi", "ContextTiny")  # the same inputs
+    with pytest.raises(MethodError, match="phi: its towers \\(ViT-B-32, 224 px\\)"):
+        context.check_inputs("phi", "ViT-B-32")

@@ -14,6 +14,7 @@ Outputs under the checkpoint's run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -173,6 +174,7 @@ class Evaluator:
             top_k=self.config.eval.top_k,
             find_spans=phrase_span_finder(saved.backbone),
             config=self.config,
+            backbone=saved.backbone,
         )
         result: dict[str, Any] = {
             "step": step,
@@ -191,7 +193,8 @@ class Evaluator:
                 entry["method_predictions"] = write_method_predictions(run_dir, step, name, combined)
             if unlabelled is not None:
                 out_dir = run_dir / EVAL_DIR / "submissions" / layout.checkpoint_tag(step)
-                scores = score_split(model, unlabelled, settings)
+                own = dataclasses.replace(settings, methods={MODEL: settings.methods[MODEL]})  # the file needs no other
+                scores = score_split(model, unlabelled, own)
                 write = BENCHMARKS.get(name).write_submission
                 written = write(out_dir, unlabelled, scores.predictions, scores.subset_predictions)
                 result["submissions"][name] = [str(path) for path in written]

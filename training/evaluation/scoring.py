@@ -48,6 +48,8 @@ class EncodeSettings:
     find_spans: SpanFinder | None = None
     config: Any = None
     """The eval job's root config, which methods with their own networks or texts read (`MethodContext`)."""
+    backbone: str | None = None
+    """The backbone `transform` belongs to (methods with their own towers check theirs against it)."""
 
 
 @dataclass
@@ -74,7 +76,7 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
     protocol = split.protocol
     index_of = split.gallery_index()
     for method in settings.methods.values():
-        method.prepare(MethodContext(settings.config, settings.device, split))
+        method.prepare(MethodContext(settings.config, settings.device, split, settings.backbone))
     gallery_paths = [split.image_paths[name] for name in split.gallery]
     gallery = encode_gallery(
         model,

@@ -32,8 +32,9 @@ def placeholder_id(tokenize: Callable[[list[str]], torch.Tensor]) -> int:
 
 
 def fill_template(template: str, caption: str) -> str:
-    """`template` with its `{caption}` field set; a caption that starts with a capital loses it mid-sentence."""
-    caption = caption.strip().rstrip(".")
+    """`template` with its `{caption}` field set; a caption that starts with a capital loses it mid-sentence, and a
+    `$` of the caption ("under $20") becomes a word, so the template's placeholder stays the only one."""
+    caption = caption.strip().rstrip(".").replace(PLACEHOLDER, "dollar ")  # a `$` of its own would be a second slot
     if caption[:1].isupper() and not caption[1:2].isupper():
         caption = caption[:1].lower() + caption[1:]
     return template.replace("{caption}", caption)

@@ -82,6 +82,23 @@ class MethodContext:
     device: torch.device
     split: Any
     """The `BenchmarkSplit` about to be encoded."""
+    backbone: str | None = None
+    """The backbone whose eval transform decodes the images every method reads (the checkpoint's)."""
+
+    def check_inputs(self, method: str, backbone: str) -> None:
+        """Raise `MethodError` when `backbone` (a method's own towers) needs other image inputs than the decoded ones
+        (another size or normalisation): every method reads the same decoded pixels."""
+        from shards import model_inputs
+
+        if self.backbone is None or backbone == self.backbone:
+            return
+        ours, theirs = (model_inputs.image_size(name) for name in (backbone, self.backbone))
+        norms = (model_inputs.normalisation(name) for name in (backbone, self.backbone))
+        if ours != theirs or len(set(map(str, norms))) != 1:
+            raise MethodError(
+                f"{method}: its towers ({backbone}, {ours} px) read other image inputs than the checkpoint's "
+                f"({self.backbone}, {theirs} px); score it beside a checkpoint of the same image size and normalisation"
+            )
 
 
 class Method(ABC):

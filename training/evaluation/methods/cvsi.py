@@ -56,7 +56,6 @@ class CVSIMethod(Method):
     normalise_gallery = False
 
     def __init__(self) -> None:
-        self._cache: dict = {}
         self.network = None
         self.texts = None
         self.settings = None
@@ -67,7 +66,7 @@ class CVSIMethod(Method):
     def prepare(self, context: MethodContext) -> None:
         from training.zeroshot.cvsi_texts import cvsi_texts
 
-        self.network = phi_network(context, self._cache)
+        self.network = phi_network(context)
         self.settings = context.config.methods.cvsi
         split = context.split
         names = set(split.gallery) | {query.reference for query in split.queries}

@@ -23,12 +23,21 @@ if TYPE_CHECKING:  # config validation reads the registry's names: keep torch ou
     import torch
 
 
-def phi_network(context: MethodContext, cache: dict) -> torch.nn.Module:
-    """The `PhiNetwork` that `methods.phi` names, loaded once per (source, device) into `cache`.
+_LOADED: dict = {}
+"""The one phi network loaded in this process (phi and cvsi share it), by what it was loaded from."""
+
+
+def phi_network(context: MethodContext) -> torch.nn.Module:
+    """The `PhiNetwork` that `methods.phi` names, loaded once per source, settings and device and shared.
 
     Raises:
-        MethodError: neither a checkpoint nor released weights are set, or they cannot be loaded.
+        MethodError: neither a checkpoint nor released weights are set, they cannot be loaded, or its towers need
+            other image inputs than the checkpoint's.
     """
+    from safetensors import SafetensorError
+
+    from training.zeroshot.networks import resolve_trained
+
     settings = context.config.methods.phi
     source = settings.checkpoint or settings.released_weights
     if not source:
@@ -36,14 +45,17 @@ def phi_network(context: MethodContext, cache: dict) -> torch.nn.Module:
             "set methods.phi.checkpoint (a phi run, e.g. runs/phi_tiny/checkpoints/latest after `python "
             "launch/train.py --config configs/phi_tiny.yaml`) or methods.phi.released_weights to score phi"
         )
-    key = (source, settings.released_format, str(context.device))
-    if key not in cache:
-        cache.clear()
-        try:
-            cache[key] = _load(context, settings)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise MethodError(f"phi: cannot load {source}: {error}") from error
-    return cache[key]
+    try:
+        resolved = str(resolve_trained(settings.checkpoint)) if settings.checkpoint else source
+        key = (resolved, repr(settings), repr(context.config.model), str(context.device))
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = _load(context, settings)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise MethodError(f"phi: cannot load {source}: {error}") from error
+    network = _LOADED[key]
+    context.check_inputs("phi", network.backbone_name)
+    return network
 
 
 def _load(context: MethodContext, settings) -> torch.nn.Module:
@@ -68,14 +80,13 @@ class TextualInversion(Method):
     summary = "textual inversion: 'a photo of $ that {text}', $ = phi(reference image) (methods.phi)"
 
     def __init__(self) -> None:
-        self._cache: dict = {}
         self.network = None
 
     def gallery_space(self, model: torch.nn.Module) -> str:
         return "phi_towers"
 
     def prepare(self, context: MethodContext) -> None:
-        self.network = phi_network(context, self._cache)
+        self.network = phi_network(context)
 
     def encode_query(self, batch: QueryBatch) -> torch.Tensor:
         image = self.network.backbone.encode_image(batch.reference_images).embedding

@@ -35,8 +35,10 @@ class TisCIRMethod(Method):
         return "tiscir_towers"
 
     def prepare(self, context: MethodContext) -> None:
+        from safetensors import SafetensorError
+
         from shards import model_inputs
-        from training.zeroshot.networks import load_method_network
+        from training.zeroshot.networks import load_method_network, resolve_trained
 
         settings = context.config.methods.tiscir
         if not settings.checkpoint:
@@ -44,17 +46,24 @@ class TisCIRMethod(Method):
                 "set methods.tiscir.checkpoint (a run of `python launch/train.py --config configs/tiscir_tiny.yaml`, "
                 "e.g. runs/tiscir_tiny/checkpoints/latest) to score tiscir"
             )
-        key = (settings.checkpoint, str(context.device), settings.image_weight, settings.text_weight)
-        if self._loaded != key:
-            try:
-                network = load_method_network(settings.checkpoint, "tiscir", context.device)
-            except (OSError, ValueError, RuntimeError) as error:
-                raise MethodError(f"tiscir: cannot load {settings.checkpoint}: {error}") from error
+        try:
+            checkpoint = resolve_trained(settings.checkpoint)
+            key = (str(checkpoint), str(context.device), settings.image_weight, settings.text_weight)
+            network = load_method_network(checkpoint, "tiscir", context.device) if self._loaded != key else None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise MethodError(f"tiscir: cannot load {settings.checkpoint}: {error}") from error
+        if network is not None:
+            if network.config.stage != "fgia":
+                raise MethodError(
+                    f"tiscir: {checkpoint} is of the {network.config.stage} stage, whose FGIA is untrained; score "
+                    "the fgia stage's run (configs/tiscir_tiny.yaml)"
+                )
             # Retrieval weights are read from the eval config, so a trained network is scored under any mix.
             weights = {"image_weight": settings.image_weight, "text_weight": settings.text_weight}
             network.config = dataclasses.replace(network.config, **weights)
             self.network, self.tokenize = network, model_inputs.tokenizer(network.backbone_name)
             self._loaded = key
+        context.check_inputs("tiscir", self.network.backbone_name)
 
     def encode_query(self, batch: QueryBatch) -> torch.Tensor:
         ids = self.tokenize(batch.texts).to(batch.reference_images.device)
