@@ -1,4 +1,5 @@
-"""Tiny on-disk benchmarks in each public layout (CIRR, CIRCO, FashionIQ, PatternCIR, synthetic) for eval tests."""
+"""Tiny on-disk benchmarks in each public layout (CIRR, CIRCO, FashionIQ, PatternCIR, synthetic), checkpoints laid
+out as the trainer lays them (ConText, phi, TisCIR), and the eval script's main, for eval tests."""
 
 from __future__ import annotations
 
@@ -153,3 +154,36 @@ def write_checkpoint(run_dir: Path, step: int, config, complete: bool = True, se
         layout.mark_complete(path)
         layout.update_latest_pointer(run_dir, step)
     return path
+
+
+def write_method_checkpoint(run_dir: Path, step: int, config, seed: int = 0) -> Path:
+    """A complete checkpoint of the network `config.train.objective` (phi or tiscir) trains, random heads."""
+    import torch
+
+    from training.checkpoint import layout
+    from training.config_loader import to_yaml
+    from training.model.weights import save_model_weights
+    from training.zeroshot.networks import build_method_objective
+
+    torch.manual_seed(seed + step)
+    path = layout.checkpoint_dir(run_dir, step)
+    path.mkdir(parents=True, exist_ok=True)
+    network = build_method_objective(config.train.objective, config.model, config.methods).model
+    save_model_weights(network, path / layout.WEIGHTS)
+    (path / layout.CONFIG).write_text(to_yaml(config))
+    (path / layout.TRAINER_STATE).write_text(json.dumps({"step": step}))
+    layout.mark_complete(path)
+    layout.update_latest_pointer(run_dir, step)
+    return path
+
+
+def eval_main():
+    """`launch/eval.py`'s main, loaded from the script as a user runs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "launch_eval", Path(__file__).resolve().parents[1] / "launch" / "eval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from eval_fixtures import write_checkpoint, write_circo, write_cirr_layout, write_fashioniq, write_synthetic
+from eval_fixtures import eval_main, write_checkpoint, write_circo, write_cirr_layout, write_fashioniq, write_synthetic
 from PIL import Image
 
 from cluster.root_config import load_config
@@ -39,13 +38,6 @@ EXPECTED_KEYS = {
     | {"recall_subset@1", "recall_subset@2", "recall_subset@3"},
     "synthetic": CIRR_KEYS | {"grounding"} | GROUNDING_KEYS,
 }
-
-
-def _eval_main():
-    spec = importlib.util.spec_from_file_location("launch_eval", REPO / "launch" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +70,7 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
     write_checkpoint(config.run_dir, 100, config)
     latest = config.run_dir / "checkpoints" / "latest"
     benchmarks = ",".join(EXPECTED_KEYS)
-    assert _eval_main()(["--config", TINY, "--checkpoint", str(latest), "--benchmarks", benchmarks, *overrides]) == 0
+    assert eval_main()(["--config", TINY, "--checkpoint", str(latest), "--benchmarks", benchmarks, *overrides]) == 0
 
     result = json.loads((config.run_dir / "eval" / "step_00000100.json").read_text())
     assert result["step"] == 100 and result["config"]["eval"]["datasets"]["synthetic"]["root"] == str(
@@ -147,13 +139,13 @@ def test_one_checkpoint_on_every_benchmark(tmp_path, roots, capsys) -> None:
 
     # --watch on the same run: the final checkpoint (train.steps=100) already has its result, so it exits at once.
     before = (config.run_dir / "eval" / "step_00000100.json").stat().st_mtime_ns
-    assert _eval_main()(["--config", TINY, "--watch", "--benchmarks", "synthetic", *overrides, "train.steps=100"]) == 0
+    assert eval_main()(["--config", TINY, "--watch", "--benchmarks", "synthetic", *overrides, "train.steps=100"]) == 0
     assert (config.run_dir / "eval" / "step_00000100.json").stat().st_mtime_ns == before
     assert json.loads((config.run_dir / "eval" / "watch_state.json").read_text())["done"]["100"]["adopted"]
 
 
 def test_bad_invocations_exit_before_work(tmp_path, roots, capsys) -> None:
-    main = _eval_main()
+    main = eval_main()
     overrides = _overrides(tmp_path, roots)
     assert main(["--config", TINY, "--checkpoint", "x", "--benchmarks", "cirr,nope", *overrides]) == 2
     assert main(["--config", TINY, "--checkpoint", "x", "--benchmarks", "circo"]) == 2
@@ -167,7 +159,7 @@ def test_bad_invocations_exit_before_work(tmp_path, roots, capsys) -> None:
 
 def test_unusable_checkpoints_end_in_one_eval_error_line(tmp_path, roots, capsys) -> None:
     """A truncated weights file and a config with a python tag: exit 2 and one `eval error:` line naming the file."""
-    main = _eval_main()
+    main = eval_main()
     overrides = _overrides(tmp_path, roots)
     config = load_config(TINY, overrides)
     truncated = write_checkpoint(config.run_dir, 5, config) / "model.safetensors"

@@ -3,7 +3,6 @@ predictions and TensorBoard scalars, CVSI's texts cached so that a rerun asks no
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_fixtures import write_checkpoint
-from method_fixtures import make_synthetic, scene_oracle, write_method_checkpoint
+from eval_fixtures import eval_main, write_checkpoint, write_method_checkpoint
+from oracle_fixtures import make_synthetic, scene_oracle
 
 from cluster.root_config import load_config
 
@@ -20,13 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 ALL = "context,image_only,text_only,sum,phi,cvsi,tiscir"
 OTHERS = ("image_only", "text_only", "image_text_sum", "phi", "cvsi", "tiscir")
-
-
-def _eval_main():
-    spec = importlib.util.spec_from_file_location("launch_eval_methods", REPO / "launch" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,7 @@ def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path
     config = load_config(TINY, overrides)
     write_checkpoint(config.run_dir, 10, config)
     latest = str(config.run_dir / "checkpoints" / "latest")
-    main = _eval_main()
+    main = eval_main()
     caplog.set_level(logging.INFO, logger="training.evaluation.methods.cvsi")
     assert main(["--config", TINY, "--checkpoint", latest, "--methods", ALL, *overrides]) == 0
     first_calls = int(re.search(r", (\d+) captioner/LLM calls", caplog.text).group(1))
@@ -122,7 +114,7 @@ def test_methods_without_their_checkpoints_or_endpoint_end_in_one_error_line(tmp
     config = load_config(TINY, overrides)
     write_checkpoint(config.run_dir, 10, config)
     latest = str(config.run_dir / "checkpoints" / "latest")
-    main = _eval_main()
+    main = eval_main()
     assert main(["--config", TINY, "--checkpoint", latest, "--methods", "context,bogus", *overrides]) == 2
     assert "--methods has unknown ['bogus']" in capsys.readouterr().err
     unset = [*overrides, "methods.phi.checkpoint=null"]
@@ -159,6 +151,6 @@ def test_released_searle_weights_score_on_the_configured_towers(tmp_path, world,
     config = load_config(TINY, overrides)
     write_checkpoint(config.run_dir, 10, config)
     latest = str(config.run_dir / "checkpoints" / "latest")
-    assert _eval_main()(["--config", TINY, "--checkpoint", latest, "--methods", "context,phi", *overrides]) == 0
+    assert eval_main()(["--config", TINY, "--checkpoint", latest, "--methods", "context,phi", *overrides]) == 0
     result = json.loads((config.run_dir / "eval" / "step_00000010.json").read_text())
     assert "recall@1" in result["benchmarks"]["synthetic"]["baselines"]["phi"]

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from oracle_fixtures import make_synthetic, scene_oracle
 
 from shards.builder.shard_set import build_shards
 from shards.config import DataConfig, NounPhraseConfig, SourceConfig
@@ -42,61 +43,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("generate") / "synthetic"
-    command = [
-        sys.executable,
-        str(REPO / "launch/make_synthetic.py"),
-        "--out",
-        str(root),
-        "--train",
-        "48",
-        "--val",
-        "6",
-        "--test",
-        "6",
-        "--workers",
-        "1",
-    ]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
-    return root
+    return make_synthetic(tmp_path_factory.mktemp("generate") / "synthetic")
 
 
 @pytest.fixture(scope="module")
 def oracle(synthetic, tmp_path_factory):
     """The scene oracle with 10 % faults, requiring the test's API key; stopped by pid."""
-    port_file = tmp_path_factory.mktemp("oracle") / "port"
-    log = open(port_file.with_name("oracle.log"), "w")
-    command = [
-        sys.executable,
-        str(REPO / "launch/scene_oracle.py"),
-        "--root",
-        str(synthetic),
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--fault-rate",
-        "0.1",
-        "--api-key-env",
-        KEY_VARIABLE,
-    ]
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=_env(**{KEY_VARIABLE: SECRET}), start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.is_file():
-            assert process.poll() is None and time.monotonic() < deadline, port_file.with_name("oracle.log").read_text()
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port_file.read_text()}/v1"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+    arguments = ("--fault-rate", "0.1", "--api-key-env", KEY_VARIABLE)
+    with scene_oracle(synthetic, tmp_path_factory.mktemp("oracle"), *arguments, env={KEY_VARIABLE: SECRET}) as url:
+        yield url
 
 
 def _config(tmp_path: Path, synthetic: Path, endpoint: str, name: str, concurrency: int) -> tuple[Path, Path]:

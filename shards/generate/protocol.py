@@ -147,6 +147,12 @@ def response_format(stage: str) -> dict[str, Any]:
 
 def parse_answer(stage: str, text: str) -> dict[str, Any]:
     """The answer as a dict valid under the stage's schema; raises ResponseError with the reason otherwise."""
+    return parse_json_answer(text, SCHEMAS[stage])
+
+
+def parse_json_answer(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An answer as a dict valid under `schema` (a code fence around it is tolerated); raises ResponseError with the
+    reason otherwise."""
     body = text.strip()
     if body.startswith("```"):  # some servers wrap JSON in a code fence despite the instructions
         body = body.strip("`").removeprefix("json").strip()
@@ -155,7 +161,7 @@ def parse_answer(stage: str, text: str) -> dict[str, Any]:
     except ValueError as error:
         raise ResponseError(f"not JSON ({error})") from None
     try:
-        jsonschema.validate(payload, SCHEMAS[stage])
+        jsonschema.validate(payload, schema)
     except jsonschema.ValidationError as error:
         where = "/".join(str(part) for part in error.absolute_path) or "the answer"
         raise ResponseError(f"{where}: {error.message}") from None

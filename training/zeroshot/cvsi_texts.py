@@ -25,12 +25,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 from tqdm import tqdm
 
 from shards.generate.cache import ResponseCache, request_key
 from shards.generate.client import ChatClient, EndpointError, EndpointRefused
-from shards.generate.protocol import PROMPTS_ROOT, Prompts, ResponseError, image_part, repair_messages
+from shards.generate.protocol import (
+    PROMPTS_ROOT,
+    Prompts,
+    ResponseError,
+    image_part,
+    parse_json_answer,
+    repair_messages,
+)
 from training.zeroshot.cvsi_config import CVSIConfig
 
 logger = logging.getLogger(__name__)
@@ -106,23 +112,6 @@ def edit_schema(count: int) -> dict[str, Any]:
     }
 
 
-def parse_json(text: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """The answer as a dict valid under `schema`; raises ResponseError with the reason otherwise."""
-    body = text.strip()
-    if body.startswith("```"):  # some servers wrap JSON in a code fence despite the instructions
-        body = body.strip("`").removeprefix("json").strip()
-    try:
-        payload = json.loads(body)
-    except ValueError as error:
-        raise ResponseError(f"not JSON ({error})") from None
-    try:
-        jsonschema.validate(payload, schema)
-    except jsonschema.ValidationError as error:
-        where = "/".join(str(part) for part in error.absolute_path) or "the answer"
-        raise ResponseError(f"{where}: {error.message}") from None
-    return payload
-
-
 class _Stage:
     """One question (captions or edits) to one endpoint, cached and repaired; thread-safe, one client per thread."""
 
@@ -156,7 +145,7 @@ class _Stage:
         for attempt in range(self.config.repair_attempts + 1):
             text = self._complete(messages, image_hashes, answer_format)
             try:
-                return parse_json(text, schema)
+                return parse_json_answer(text, schema)
             except ResponseError as problem:
                 if attempt == self.config.repair_attempts:
                     raise _ItemFailed(f"unusable answer ({problem})") from None

@@ -1,9 +1,8 @@
-"""Test helpers for the methods beside ConText: a small synthetic benchmark made by the real generator, the scene
-oracle on 127.0.0.1 (stopped by pid), and checkpoints of phi / TisCIR networks laid out as the trainer lays them."""
+"""Test helpers: a small synthetic benchmark made by the real generator, and the scene oracle on 127.0.0.1 (stopped
+by pid, even when the test fails)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -47,24 +46,3 @@ def scene_oracle(root: Path, log_dir: Path, *arguments: str, env: dict | None = 
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
-
-
-def write_method_checkpoint(run_dir: Path, step: int, config, seed: int = 0) -> Path:
-    """A complete checkpoint of the network `config.train.objective` (phi or tiscir) trains, random heads."""
-    import torch
-
-    from training.checkpoint import layout
-    from training.config_loader import to_yaml
-    from training.model.weights import save_model_weights
-    from training.zeroshot.networks import build_method_objective
-
-    torch.manual_seed(seed + step)
-    path = layout.checkpoint_dir(run_dir, step)
-    path.mkdir(parents=True, exist_ok=True)
-    network = build_method_objective(config.train.objective, config.model, config.methods).model
-    save_model_weights(network, path / layout.WEIGHTS)
-    (path / layout.CONFIG).write_text(to_yaml(config))
-    (path / layout.TRAINER_STATE).write_text(json.dumps({"step": step}))
-    layout.mark_complete(path)
-    layout.update_latest_pointer(run_dir, step)
-    return path
