@@ -95,6 +95,10 @@ def connect(cluster: ClusterConfig) -> str:
     os.environ[GCS_PORT_VARIABLE] = str(gcs_port)  # read by ray.init when it starts the GCS
     try:
         ray.init(
+            # "local": always a new private instance. Without it ray.init joins the Ray that RAY_ADDRESS or the
+            # machine's last `ray start` (/tmp/ray/ray_current_cluster, left behind by a head that was killed)
+            # names, and fails there because this call sets num_cpus.
+            address="local",
             _node_ip_address=LOOPBACK,
             # The dashboard serves Ray's State API, which Ray Train polls to watch its controller (without it every
             # poll logs a warning). Loopback only, behind the token; a free port, so private heads never collide.

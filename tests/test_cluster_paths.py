@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,35 @@ def test_joining_a_cluster_refuses_relative_paths(monkeypatch: pytest.MonkeyPatc
     problem = relative_path_problem(joined, {"cluster.storage_path": "./runs", "data.shards_dir": "/abs/shards"})
     assert problem is not None and "cluster.storage_path=./runs" in problem and "shards_dir" not in problem
     assert relative_path_problem(joined, {"cluster.storage_path": "/shared/runs"}) is None
+
+
+def test_a_private_ray_starts_beside_the_stale_address_of_a_killed_head() -> None:
+    """A `ray start` head killed without `ray stop` leaves ray_current_cluster behind; ray.init without an address
+    would join what it names (and fail: this Ray sets num_cpus). The private local Ray starts regardless."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    temp_root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (temp_root / "ray").mkdir()
+        (temp_root / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # Ray's file under RAY_TMPDIR
+        script = (
+            "from cluster.config import ClusterConfig\n"
+            "from cluster.ray_setup import connect, shutdown\n"
+            "print(connect(ClusterConfig(num_workers=1)))\n"
+            "shutdown()\n"
+        )
+        env = {
+            **{name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"},
+            "RAY_TMPDIR": str(temp_root),
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180, start_new_session=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "started a local Ray on 127.0.0.1" in done.stdout
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
