@@ -93,3 +93,18 @@ def test_methods_with_towers_of_other_image_inputs_are_refused() -> None:
     context.check_inputs("phi", "ContextTiny")  # the same inputs
     with pytest.raises(MethodError, match="phi: its towers \\(ViT-B-32, 224 px\\)"):
         context.check_inputs("phi", "ViT-B-32")
+
+
+def test_phi_and_cvsi_share_one_pass_of_phis_image_tower_per_batch(network, monkeypatch) -> None:
+    from training.evaluation.methods import GalleryBatch, QueryBatch
+    from training.evaluation.methods.base import own_image_embedding
+
+    calls = []
+    encode = network.backbone.encode_image
+    monkeypatch.setattr(network.backbone, "encode_image", lambda images: calls.append(len(images)) or encode(images))
+    images = torch.rand(2, 3, 64, 64)
+    query = QueryBatch(None, images, torch.zeros(2, 77, dtype=torch.long), texts=["a", "b"])
+    first, second = own_image_embedding(network, query), own_image_embedding(network, query)
+    assert first is second and calls == [2]
+    own_image_embedding(network, GalleryBatch(None, images))  # another batch: its own pass
+    assert calls == [2, 2]

@@ -46,6 +46,8 @@ class QueryBatch:
         self.texts = texts or []
         """The query texts as read (methods that build their own sentences from them)."""
         self.query_ids = query_ids or []
+        self.shared: dict = {}
+        """Per-batch results methods with their own networks share (`own_image_embedding`)."""
 
     @cached_property
     def views(self) -> dict[str, torch.Tensor]:
@@ -61,11 +63,23 @@ class GalleryBatch:
         self.images = images
         self.names = names or []
         """The gallery names of the images (methods that look up per-image texts)."""
+        self.shared: dict = {}
+        """Per-batch results methods with their own networks share (`own_image_embedding`)."""
 
     @cached_property
     def features(self):
         """The image tower's tokens and CLIP embedding (`training.model.towers.ImageFeatures`)."""
         return self.model.backbone.encode_image(self.images)
+
+
+def own_image_embedding(network: torch.nn.Module, batch: QueryBatch | GalleryBatch) -> torch.Tensor:
+    """The CLIP image embedding of the batch's reference (query) or gallery images by `network`'s own towers, once
+    per batch however many methods share that network (phi and cvsi)."""
+    key = ("image_embedding", id(network))
+    if key not in batch.shared:
+        images = batch.reference_images if isinstance(batch, QueryBatch) else batch.images
+        batch.shared[key] = network.backbone.encode_image(images).embedding
+    return batch.shared[key]
 
 
 class MethodError(ValueError):

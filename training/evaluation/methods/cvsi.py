@@ -22,6 +22,7 @@ from training.evaluation.methods.base import (
     MethodContext,
     MethodError,
     QueryBatch,
+    own_image_embedding,
     register_method,
 )
 from training.evaluation.methods.textual_inversion import phi_network
@@ -89,7 +90,7 @@ class CVSIMethod(Method):
         import torch.nn.functional as F
 
         device = batch.reference_images.device
-        image = self.network.backbone.encode_image(batch.reference_images).embedding
+        image = own_image_embedding(self.network, batch)
         pseudo = F.normalize(self.network.query_embedding(image, batch.texts).float(), dim=-1)
         groups = []
         for query_id in batch.query_ids:
@@ -103,7 +104,7 @@ class CVSIMethod(Method):
         import torch.nn.functional as F
 
         device = batch.images.device
-        image = F.normalize(self.network.backbone.encode_image(batch.images).embedding.float(), dim=-1)
+        image = F.normalize(own_image_embedding(self.network, batch).float(), dim=-1)
         captions = _mean_text_embedding(
             self.network, [self.texts.captions.get(name, []) for name in batch.names], device
         )

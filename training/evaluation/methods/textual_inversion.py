@@ -16,6 +16,7 @@ from training.evaluation.methods.base import (
     MethodContext,
     MethodError,
     QueryBatch,
+    own_image_embedding,
     register_method,
 )
 
@@ -89,11 +90,11 @@ class TextualInversion(Method):
         self.network = phi_network(context)
 
     def encode_query(self, batch: QueryBatch) -> torch.Tensor:
-        image = self.network.backbone.encode_image(batch.reference_images).embedding
+        image = own_image_embedding(self.network, batch)
         return self.network.query_embedding(image, batch.texts)
 
     def encode_gallery(self, batch: GalleryBatch) -> torch.Tensor:
-        return self.network.backbone.encode_image(batch.images).embedding
+        return own_image_embedding(self.network, batch)
 
 
 PHI = register_method(TextualInversion())
