@@ -13,7 +13,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shards.generate.client import ChatClient, Usage
 
 
 def request_key(
@@ -65,3 +68,46 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.is_dir() else 0
+
+
+def cached_completion(
+    client: ChatClient,
+    cache: ResponseCache,
+    key_parts: tuple[str, str, str, list[str]],
+    messages: list[dict],
+    answer_format: dict[str, Any],
+    max_tokens: int,
+    usage: Usage,
+) -> tuple[str, bool]:
+    """The answer text of one request: from `cache`, or from `client` and then cached.
+
+    Args:
+        key_parts: (prompt version, model, stage, image content hashes), the request's identity with the messages.
+        usage: gets the calls (retries included) and tokens the request cost; nothing when it was cached.
+
+    Returns:
+        (text, whether it came from the cache).
+
+    Raises:
+        shards.generate.client.EndpointError: the request failed; its calls are added to `usage` first.
+    """
+    from shards.generate.client import EndpointError
+
+    settings = {"max_tokens": max_tokens, "response_format": answer_format}
+    key = request_key(*key_parts, messages, settings)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached["text"], True
+    try:
+        completion = client.complete(messages, answer_format)
+    except EndpointError as error:
+        usage.calls += error.calls
+        raise
+    usage.add(completion.usage)
+    entry = {
+        "text": completion.text,
+        "prompt_tokens": completion.usage.prompt_tokens,
+        "completion_tokens": completion.usage.completion_tokens,
+    }
+    cache.put(key, entry)
+    return completion.text, False

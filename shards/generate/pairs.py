@@ -8,10 +8,11 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shards.generate.cache import ResponseCache, request_key
+from shards.generate.cache import ResponseCache, cached_completion
 from shards.generate.client import ChatClient, EndpointError, EndpointRefused, Usage
 from shards.generate.compose import compose_captions, filter_captions, pair_rng
 from shards.generate.config import GenerateConfig
@@ -19,8 +20,8 @@ from shards.generate.protocol import (
     STAGES,
     Prompts,
     ResponseError,
+    ask_repairing,
     parse_answer,
-    repair_messages,
     response_format,
     stage_messages,
 )
@@ -123,44 +124,42 @@ class PairRunner:
 
     def _ask(self, stage: str, messages: list[dict], hashes: list[str], result: PairResult) -> dict[str, Any]:
         """The stage's parsed answer, repairing an unusable one up to `repair_attempts` times."""
-        for attempt in range(self.config.repair_attempts + 1):
-            text = self._complete(stage, messages, hashes, result)
-            try:
-                return parse_answer(stage, text)
-            except ResponseError as problem:
-                if attempt == self.config.repair_attempts:
-                    raise _Failed(f"{stage}_unusable", str(problem)) from None
-                result.repairs += 1
-                messages = repair_messages(self.prompts, messages, text, str(problem))
-        raise AssertionError("unreachable")
+
+        def complete(turns: list[dict]) -> str:
+            return self._complete(stage, turns, hashes, result)
+
+        def count_repair() -> None:
+            result.repairs += 1
+
+        try:
+            return ask_repairing(
+                complete,
+                partial(parse_answer, stage),
+                self.prompts,
+                messages,
+                self.config.repair_attempts,
+                count_repair,
+            )
+        except ResponseError as problem:
+            raise _Failed(f"{stage}_unusable", str(problem)) from None
 
     def _complete(self, stage: str, messages: list[dict], hashes: list[str], result: PairResult) -> str:
-        settings = {"max_tokens": self.config.max_tokens, "response_format": response_format(stage)}
-        key = request_key(self.prompts.version, self.config.model, stage, hashes, messages, settings)
-        cached = self.cache.get(key)
-        if cached is not None:
-            result.cache_hits += 1
-            return cached["text"]
+        usage = Usage()
+        key_parts = (self.prompts.version, self.config.model, stage, hashes)
         try:
-            completion = self.client.complete(messages, response_format(stage))
+            text, cached = cached_completion(
+                self.client, self.cache, key_parts, messages, response_format(stage), self.config.max_tokens, usage
+            )
         except EndpointRefused:
             raise
         except EndpointError as error:
-            result.calls += error.calls
+            result.calls += usage.calls
             raise _Failed(f"endpoint_{error.reason.replace(' ', '_')}", str(error)) from None
-        usage: Usage = completion.usage
+        result.cache_hits += cached
         result.calls += usage.calls
         result.prompt_tokens += usage.prompt_tokens
         result.completion_tokens += usage.completion_tokens
-        self.cache.put(
-            key,
-            {
-                "text": completion.text,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-            },
-        )
-        return completion.text
+        return text
 
 
 def failure_counts(results: list[PairResult]) -> Counter:

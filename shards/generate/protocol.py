@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -166,3 +167,25 @@ def parse_json_answer(text: str, schema: dict[str, Any]) -> dict[str, Any]:
         where = "/".join(str(part) for part in error.absolute_path) or "the answer"
         raise ResponseError(f"{where}: {error.message}") from None
     return payload
+
+
+def ask_repairing(
+    complete: Callable[[list[dict[str, Any]]], str],
+    parse: Callable[[str], dict[str, Any]],
+    prompts: Prompts,
+    messages: list[dict[str, Any]],
+    repair_attempts: int,
+    on_repair: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The parsed answer to `messages`, asking again with a repair turn (the answer and what is wrong with it) up to
+    `repair_attempts` times while `parse` raises ResponseError; the last ResponseError is raised."""
+    for attempt in range(repair_attempts + 1):
+        text = complete(messages)
+        try:
+            return parse(text)
+        except ResponseError as problem:
+            if attempt == repair_attempts:
+                raise
+            on_repair()
+            messages = repair_messages(prompts, messages, text, str(problem))
+    raise AssertionError("unreachable")

@@ -21,21 +21,21 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from shards.generate.cache import ResponseCache, request_key
-from shards.generate.client import ChatClient, EndpointError, EndpointRefused
+from shards.generate.cache import ResponseCache, cached_completion
+from shards.generate.client import ChatClient, EndpointError, EndpointRefused, Usage
 from shards.generate.protocol import (
     PROMPTS_ROOT,
     Prompts,
     ResponseError,
+    ask_repairing,
     image_part,
     parse_json_answer,
-    repair_messages,
 )
 from training.zeroshot.cvsi_config import CVSIConfig
 
@@ -142,47 +142,41 @@ class _Stage:
     def ask(self, messages: list[dict[str, Any]], image_hashes: list[str], schema: dict[str, Any]) -> dict[str, Any]:
         """The parsed answer, after up to `repair_attempts` repair turns; raises _ItemFailed."""
         answer_format = {"type": "json_schema", "json_schema": {"name": self.name, "schema": schema, "strict": True}}
-        for attempt in range(self.config.repair_attempts + 1):
-            text = self._complete(messages, image_hashes, answer_format)
-            try:
-                return parse_json_answer(text, schema)
-            except ResponseError as problem:
-                if attempt == self.config.repair_attempts:
-                    raise _ItemFailed(f"unusable answer ({problem})") from None
-                messages = repair_messages(self.prompts, messages, text, str(problem))
-        raise AssertionError("unreachable")
+
+        def complete(turns: list[dict[str, Any]]) -> str:
+            return self._complete(turns, image_hashes, answer_format)
+
+        try:
+            return ask_repairing(
+                complete, partial(parse_json_answer, schema=schema), self.prompts, messages, self.config.repair_attempts
+            )
+        except ResponseError as problem:
+            raise _ItemFailed(f"unusable answer ({problem})") from None
 
     def _complete(self, messages: list[dict[str, Any]], image_hashes: list[str], answer_format: dict) -> str:
-        settings = {"max_tokens": self.config.max_tokens, "response_format": answer_format}
-        key = request_key(self.prompts.version, self.model, self.name, image_hashes, messages, settings)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached["text"]
+        usage = Usage()
+        key_parts = (self.prompts.version, self.model, self.name, image_hashes)
         try:
-            completion = self._client().complete(messages, answer_format)
+            text, cached = cached_completion(
+                self._client(), self.cache, key_parts, messages, answer_format, self.config.max_tokens, usage
+            )
         except EndpointRefused as error:
-            self._count(error.calls)
+            self._count(usage.calls)
             raise CVSIEndpointError(
                 f"{self.name}: {self.endpoint} refused the request ({error}); check methods.cvsi's endpoint, model "
                 f"and the API key in ${self.config.api_key_env}; {OFFLINE_HINT}"
             ) from None
         except EndpointError as error:
-            self._count(error.calls)
+            self._count(usage.calls)
             if error.reason in UNREACHABLE_REASONS and not self.answered:
                 raise CVSIEndpointError(
                     f"{self.name}: nothing answers at {self.endpoint} ({error}); start the endpoint or set "
                     f"methods.cvsi's endpoints; {OFFLINE_HINT}"
                 ) from None
             raise _ItemFailed(f"endpoint: {error}") from None
-        self._count(completion.usage.calls, answered=True)
-        usage = completion.usage
-        entry = {
-            "text": completion.text,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-        }
-        self.cache.put(key, entry)
-        return completion.text
+        if not cached:
+            self._count(usage.calls, answered=True)
+        return text
 
     def _count(self, calls: int, answered: bool = False) -> None:
         with self._lock:
