@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MASTER_ADDR := 127.0.0.1
 export GLOO_SOCKET_IFNAME := lo
 
-.PHONY: install system-packages demo generate-demo compare test lint clean
+.PHONY: install system-packages demo generate-demo compare test test-fast lint clean
 
 install: $(STAMP)
 
@@ -43,9 +43,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check cluster training shards launch tests
 	$(VENV)/bin/ruff format --check cluster training shards launch tests
 
+# The whole suite, as CI runs it: tests/unit (pure logic) and tests/e2e (gloo ranks, DeepSpeed, local Ray heads,
+# servers, a headless browser).
 test: $(STAMP) system-packages
 	$(MAKE) lint
 	$(PY) -m pytest tests
+
+# The edit-test loop: unit tests only (no Ray, no DeepSpeed, no servers), a few minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -m "not slow" -q
 
 # Synthetic benchmark -> pretraining of the tiny towers on its scene descriptions (cached by a digest of data +
 # config) -> shards -> ConText training from those towers on a local Ray (127.0.0.1, 2 workers) -> eval of the final

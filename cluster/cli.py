@@ -17,6 +17,13 @@ CONFIG_ERROR_EXIT = 2
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (`prog: error: ... (see --help)`) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(CONFIG_ERROR_EXIT, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def available_configs() -> list[str]:
     """The names of the shipped configs (`configs/*.yaml`)."""
     return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
@@ -53,7 +60,7 @@ def parse_config_args(
     Raises:
         ConfigError: the config is unusable; callers exit with CONFIG_ERROR_EXIT before starting anything.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument(
         "--config",
         required=default_config is None,
@@ -68,4 +75,11 @@ def parse_config_args(
     return args, load_config(args.config, args.overrides)
 
 
-__all__ = ["CONFIG_ERROR_EXIT", "ConfigError", "available_configs", "find_config", "parse_config_args"]
+__all__ = [
+    "ArgumentParser",
+    "CONFIG_ERROR_EXIT",
+    "ConfigError",
+    "available_configs",
+    "find_config",
+    "parse_config_args",
+]

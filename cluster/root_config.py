@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config import ClusterConfig
+from cluster.runtime.config import ClusterConfig
 from cluster.serving.config import ServeConfig
 from shards.config import DataConfig
 from shards.generate.config import GenerateConfig

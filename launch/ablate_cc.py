@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args, base = parse_config_args(argv, "Sweep loss.lambda_cc x seeds x tower init.", add_arguments)
-        from cluster.ablation import cells
+        from cluster.bench.ablation import cells
 
         sweep = list(
             cells(
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if any(cell.init == "pretrained" for cell in sweep) and not (args.towers and Path(args.towers).is_file()):
             raise ConfigError(f"--towers {args.towers!r} is not a file (run launch/pretrain_towers.py first)")
-        from cluster.ablation import RESULTS, append_result, model_metrics, read_results, table
+        from cluster.bench.ablation import RESULTS, append_result, model_metrics, read_results, table
         from cluster.root_config import load_config
 
         results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
     print(f"ablation: {len(sweep)} cells, {len(sweep) - len(pending)} already done; results in {results_path}")
     if pending:
-        from cluster.ray_setup import connect
+        from cluster.runtime.ray_setup import connect
 
         print(connect(base.cluster), flush=True)  # one local Ray for every cell
-        from cluster.trainer import run_training
+        from cluster.jobs.trainer import run_training
         from training.evaluation.runner import Evaluator
 
         for number, (cell, config) in enumerate(zip(pending, configs), start=1):

@@ -11,6 +11,7 @@ Every ratio is measured side by side in one run; absolute figures only mean some
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -18,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+from cluster.cli import CONFIG_ERROR_EXIT, ArgumentParser, ConfigError, parse_config_args  # noqa: E402
 
 BENCHMARKS = {
     "loader": "training.perf.loader",
     "step": "training.perf.step",
     "eval": "training.perf.eval_queries",
-    "gpu": "cluster.gpu_bench",
+    "gpu": "cluster.bench.gpu_bench",
     "index": "training.perf.index_search",
 }
 """Benchmark name -> module with `add_arguments(parser)` and `run(config, args) -> dict`."""
@@ -33,14 +34,18 @@ OWN_CONFIGS = {"gpu": "tiny", "index": "tiny"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: bench.py {{{','.join(BENCHMARKS)}}} --config FILE [key.path=value ...]", file=sys.stderr)
-        return CONFIG_ERROR_EXIT
-    kind, rest = argv[0], argv[1:]
-    benchmark = importlib.import_module(BENCHMARKS[kind])
+    parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark (`bench.py NAME --help`)")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="--config FILE, its flags and key.path=value")
+    chosen = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    benchmark = importlib.import_module(BENCHMARKS[chosen.benchmark])
     try:
-        args, config = parse_config_args(rest, f"benchmark: {kind}", benchmark.add_arguments, OWN_CONFIGS.get(kind))
+        args, config = parse_config_args(
+            chosen.arguments,
+            f"benchmark: {chosen.benchmark}",
+            benchmark.add_arguments,
+            OWN_CONFIGS.get(chosen.benchmark),
+        )
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
     from tqdm import tqdm
 
-    from cluster.chaos_bench import RunOutcome, final_state, report, run
+    from cluster.bench.chaos_bench import RunOutcome, final_state, report, run
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     storage = Path(config.cluster.storage_path).resolve()

@@ -11,18 +11,19 @@ In Python: `training.retrieval.bundle.load_bundle("bundles/demo")` returns a `Re
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import ArgumentParser  # noqa: E402
+
 USAGE_ERROR_EXIT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write an inference bundle from a complete checkpoint.")
+    parser = ArgumentParser(description="Write an inference bundle from a complete checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or <run>/checkpoints/latest")
     parser.add_argument("--out", required=True, help="the bundle directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")

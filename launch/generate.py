@@ -21,13 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noqa: E402
+from cluster.jobs.generation_run import GenerateError, prepare, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         _, config = parse_config_args(argv, "Generate CIR triplets from image pairs with a VLM endpoint.")
-        from cluster.generation_run import GenerateError, prepare, run
-
         job = prepare(config)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

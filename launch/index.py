@@ -59,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             encoder = local_encoder(retriever)
             where = "this process"
         else:
-            from cluster.ray_setup import connect, relative_path_problem
+            from cluster.runtime.ray_setup import connect, relative_path_problem
 
             paths = {"--bundle": args.bundle, "--images": args.images or "", "--out": args.out}
             problem = relative_path_problem(config.cluster, paths)
             if problem is not None:
                 raise ValueError(problem)
             print(connect(config.cluster), flush=True)  # before anything imports ray
-            from cluster.indexing import cluster_has_gpus, ray_encoder
+            from cluster.jobs.indexing import cluster_has_gpus, ray_encoder
 
             use_gpu = cluster_has_gpus()
             encoder = ray_encoder(args.bundle, workers, info.embed_dim, use_gpu)

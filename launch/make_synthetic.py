@@ -8,20 +8,20 @@ no overrides. The output depends only on the arguments (not on --workers): the s
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import ArgumentParser  # noqa: E402
 from shards.synthetic import DEFAULT_TRIPLETS, generate  # noqa: E402
 
 USAGE_ERROR_EXIT = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Generate the synthetic composed-image-retrieval benchmark.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Generate the synthetic composed-image-retrieval benchmark.")
     parser.add_argument("--out", default="data/synthetic", help="benchmark root (default: data/synthetic)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
     parser.add_argument("--train", type=int, default=DEFAULT_TRIPLETS["train"], help="train caption entries")

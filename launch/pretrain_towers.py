@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
-    from cluster.tower_cache import TowerCacheError, cache_path, check, pretrained_towers, towers_digest
+    from cluster.jobs.tower_cache import TowerCacheError, cache_path, check, pretrained_towers, towers_digest
 
     started = time.perf_counter()
     try:
         check(config)
         digest = towers_digest(config)
         if not cache_path(config, digest).is_file():
-            from cluster.ray_setup import connect, relative_path_problem
+            from cluster.runtime.ray_setup import connect, relative_path_problem
 
             paths = {"cluster.storage_path": config.cluster.storage_path, "data.shards_dir": config.data.shards_dir}
             problem = relative_path_problem(config.cluster, paths)

@@ -10,7 +10,6 @@ malformed JSON, a missing object) at `--fault-rate`. See shards/synthetic/oracle
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -18,11 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.cli import ArgumentParser  # noqa: E402
 from shards.synthetic.oracle import OracleError, SceneOracle, make_server  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Scene oracle: a VLM stand-in for synthetic images (127.0.0.1 only).")
+    parser = ArgumentParser(description="Scene oracle: a VLM stand-in for synthetic images (127.0.0.1 only).")
     parser.add_argument("--root", default="data/synthetic", help="synthetic benchmark root (objects.json, cirr/)")
     parser.add_argument("--port", type=int, default=8011, help="port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--port-file", help="write the port chosen here once listening")

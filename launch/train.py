@@ -36,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
             f"accumulation {config.accumulation_steps} = global batch {config.train.global_batch}; run {config.run_dir}"
         )
         return 0
-    from cluster.preflight import startup_problems
+    from cluster.runtime.preflight import startup_problems
 
     problems = startup_problems(config)  # what would fail every retry of the workers, found before Ray starts
     if problems:
         print("\n".join(f"config error: {problem}" for problem in problems), file=sys.stderr)
         return CONFIG_ERROR_EXIT
 
-    from cluster.ray_setup import connect, relative_path_problem
+    from cluster.runtime.ray_setup import connect, relative_path_problem
 
     problem = relative_path_problem(
         config.cluster, {"cluster.storage_path": config.cluster.storage_path, "data.shards_dir": config.data.shards_dir}
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
 
     print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
-    from cluster.resources import RESOURCE_WAIT_EXIT, ResourceWaitExpired
-    from cluster.trainer import run_training
+    from cluster.jobs.trainer import run_training
+    from cluster.runtime.resources import RESOURCE_WAIT_EXIT, ResourceWaitExpired
     from shards.storage import ShardStorageError
     from training.errors import PermanentError
 

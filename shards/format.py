@@ -24,12 +24,11 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from shards.storage import ShardStore
+from shards.storage import ShardStorageError, ShardStore
 
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
@@ -199,8 +198,6 @@ class ShardIndex:
     def load(cls, location: str | Path | ShardStore) -> ShardIndex:
         """Read and check the index of a shard set (a directory, a URL or a `ShardStore`); a clear error when it is
         absent or malformed."""
-        from shards.storage import ShardStore
-
         store = location if isinstance(location, ShardStore) else ShardStore(str(location))
         path = store.where(INDEX_NAME)
         try:
@@ -236,3 +233,32 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_OFFSETS: dict[tuple[str, str, str], tuple[int, ...]] = {}
+
+
+def member_offsets(store: ShardStore, shard: str, sha256: str) -> tuple[int, ...] | None:
+    """Byte offset of each sample in `shard`, from its build sidecar, when the sidecar describes this very shard
+    (its sha256 is the index's); None otherwise (no sidecar, an older one, another build's, or unreadable).
+
+    With them a slot starting at sample k seeks straight there instead of reading the k headers before it (one
+    range request each on an object store). Found offsets are kept per process, keyed by the shard's sha256; a
+    failure is not kept, so the next piece asks again.
+    """
+    key = (store.location, shard, sha256)
+    if key in _OFFSETS:
+        return _OFFSETS[key]
+    try:
+        payload = json.loads(store.read_bytes(shard + SIDECAR_SUFFIX))
+    except (OSError, ShardStorageError, ValueError):
+        return None
+    if not isinstance(payload, dict) or payload.get("sha256") != sha256:
+        return None
+    offsets = payload.get("offsets")
+    if not isinstance(offsets, list) or not all(isinstance(value, int) for value in offsets):
+        return None
+    if len(offsets) != payload.get("count"):
+        return None
+    _OFFSETS[key] = tuple(offsets)
+    return _OFFSETS[key]

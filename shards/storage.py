@@ -14,7 +14,6 @@ error (no such object, no permission) or retries used up raise `ShardStorageErro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -23,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-
-from shards.format import SIDECAR_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -278,32 +275,3 @@ class RangedReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-_OFFSETS: dict[tuple[str, str, str], tuple[int, ...]] = {}
-
-
-def member_offsets(store: ShardStore, shard: str, sha256: str) -> tuple[int, ...] | None:
-    """Byte offset of each sample in `shard`, from its build sidecar, when the sidecar describes this very shard
-    (its sha256 is the index's); None otherwise (no sidecar, an older one, another build's, or unreadable).
-
-    With them a slot starting at sample k seeks straight there instead of reading the k headers before it (one
-    range request each on an object store). Found offsets are kept per process, keyed by the shard's sha256; a
-    failure is not kept, so the next piece asks again.
-    """
-    key = (store.location, shard, sha256)
-    if key in _OFFSETS:
-        return _OFFSETS[key]
-    try:
-        payload = json.loads(store.read_bytes(shard + SIDECAR_SUFFIX))
-    except (OSError, ShardStorageError, ValueError):
-        return None
-    if not isinstance(payload, dict) or payload.get("sha256") != sha256:
-        return None
-    offsets = payload.get("offsets")
-    if not isinstance(offsets, list) or not all(isinstance(value, int) for value in offsets):
-        return None
-    if len(offsets) != payload.get("count"):
-        return None
-    _OFFSETS[key] = tuple(offsets)
-    return _OFFSETS[key]

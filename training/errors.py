@@ -3,7 +3,7 @@
 Ray restarts a failed worker group up to `cluster.max_failures` times, which is right for a killed worker or a lost
 node. A `PermanentError` says that a restart cannot help: the cause lives in the config, in the run's checkpoints
 or on its storage, and an exact resume (same data, same seed) replays it. The cluster's failure policy
-(`cluster/failure_policy.py`) ends the job at the first one, and the driver prints its message as one line.
+(`cluster/runtime/failure_policy.py`) ends the job at the first one, and the driver prints its message as one line.
 
 Subclasses: `training.checkpoint.pieces.CheckpointLoadError` (a latest checkpoint that cannot be resumed from),
 `training.checkpoint.checkpointer.CheckpointWriteError` (a full disk), `training.checkpoint.owner_lease.OwnerGone`

@@ -2,7 +2,7 @@
 
 Each replica loads the bundle and the index once and batches concurrent queries through `serve.batch`. `run_server`
 checks the bundle, the index and the port before Ray starts, then deploys. Nothing here imports `ray` at module
-level: the driver must call `cluster.ray_setup.connect` first.
+level: the driver must call `cluster.runtime.ray_setup.connect` first.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     from fastapi import FastAPI
 
-    from cluster.config import ClusterConfig
+    from cluster.runtime.config import ClusterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def run_server(
     Raises:
         ServeError: the bundle or index is unusable, they do not match, or the port is taken.
     """
-    from cluster.ray_setup import cluster_address, connect, relative_path_problem
+    from cluster.runtime.ray_setup import cluster_address, connect, relative_path_problem
 
     problem = relative_path_problem(cluster_config, {"--bundle": str(bundle or ""), "--index": str(index)})
     if problem:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shards.format import FIELDS, ShardFormatError, decode_tokens, split_member_name
+from shards.format import FIELDS, ShardFormatError, decode_tokens, member_offsets, split_member_name
 from shards.model_inputs import box_in_crop, eval_transform
-from shards.storage import ShardStore, member_offsets
+from shards.storage import ShardStore
 from shards.stream.plan import Piece
 
 logger = logging.getLogger(__name__)

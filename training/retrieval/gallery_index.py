@@ -9,7 +9,7 @@
 
 A shard is finished when its `.json` exists (its `.npy` is renamed into place before). A rerun of the same build
 keeps finished shards and encodes the rest; a different bundle or input list in the same directory is refused.
-How the shards get encoded (in this process, or by Ray Data actors in `cluster/indexing.py`) is the caller's
+How the shards get encoded (in this process, or by Ray Data actors in `cluster/jobs/indexing.py`) is the caller's
 choice: both call `encode_chunk` on the same fixed chunks, so they agree bit for bit. Building (plan, resume,
 shards, the faiss index, the manifest) is `training.retrieval.gallery_build`; this module holds the layout, the
 inputs, the encoding of one chunk and the search side.

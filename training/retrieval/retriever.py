@@ -24,7 +24,7 @@ from PIL import Image
 from training.evaluation.encode import autocast, resolve_device
 
 if TYPE_CHECKING:
-    from training.retrieval.bundle import BundleInfo
+    from training.retrieval.manifest import BundleInfo
 
 ImageLike = Image.Image | str | Path
 
@@ -67,7 +67,7 @@ class Retriever:
         from shards.model_inputs import tokenizer_name
         from training.model.config import ModelConfig
         from training.model.context_cir import rebuild_model
-        from training.retrieval.bundle import WEIGHTS, BundleError
+        from training.retrieval.manifest import WEIGHTS, BundleError
 
         known = {field.name for field in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(info.model) - known)
