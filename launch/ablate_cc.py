@@ -6,7 +6,7 @@
 Each cell trains `<config>` with `loss.lambda_cc`, `train.seed` and (pretrained) `model.weights_file` set, as the run
 `ablation-<init>-lambda<l>-seed<s>` on one local Ray, then scores its final checkpoint with the eval job. Cells
 already in `<storage>/ablation/results.jsonl` are skipped, so a rerun resumes. It ends by printing the markdown
-table (mean +- std over seeds) that the README quotes, and writes it to `<storage>/ablation/table.md`.
+table (mean +- std over seeds) that docs/results.md quotes, and writes it to `<storage>/ablation/table.md`.
 """
 
 from __future__ import annotations

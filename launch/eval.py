@@ -10,7 +10,7 @@
 Loads only `model.safetensors` plus the checkpoint's saved config; writes `<run>/eval/step_XXXXXXXX.json`,
 TensorBoard `eval/<benchmark>/<metric>` (and `eval/<benchmark>/<method>/<metric>` per method), and
 `<run>/eval/best.json`, and prints the model beside the other methods. phi, cvsi and tiscir read their trained
-checkpoints from `methods.<name>.checkpoint` (README, "Other methods").
+checkpoints from `methods.<name>.checkpoint` (docs/methods.md).
 """
 
 from __future__ import annotations

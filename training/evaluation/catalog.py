@@ -1,6 +1,6 @@
 """The docs tables of what the eval job can score, generated from the benchmark and method registries.
 
-`python launch/eval.py --list` prints them; the README holds the same text, and a test keeps the two equal.
+`python launch/eval.py --list` prints them; docs/evaluation.md holds the same text, and a test keeps the two equal.
 """
 
 from __future__ import annotations
