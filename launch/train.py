@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
 
     print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
-    from cluster.jobs.trainer import run_training
+    from cluster.jobs.trainer import WORKER_LOGS, run_training
+    from training.checkpoint import layout
+
+    latest = layout.latest_complete(config.run_dir)
+    start = f"resuming from {latest[1]} (step {latest[0]})" if latest else "starting from scratch"
+    print(f"run {config.run_dir}: {start}", flush=True)
     from cluster.runtime.resources import RESOURCE_WAIT_EXIT, ResourceWaitExpired
     from shards.storage import ShardStorageError
     from training.errors import PermanentError
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return CONFIG_ERROR_EXIT
     print(f"run directory: {run_dir}")
     print(f"checkpoints:   {run_dir / 'checkpoints'}")
+    print(f"worker logs:   {run_dir / WORKER_LOGS}")
     print(f"tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -53,14 +54,40 @@ class StoreOnMasterAddr(TorchConfig):
 FORWARDED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "OMP_NUM_THREADS")
 
 
+WORKER_LOGS = "logs"
+"""`<run>/logs/worker_<rank>.log`: each rank's stdout and stderr (DeepSpeed's, torch's and our own lines)."""
+
+
+def send_output_to_run_logs(run_dir: str | Path, rank: int) -> Path:
+    """Point this process's stdout and stderr at `<run_dir>/logs/worker_<rank>.log`, appended across attempts.
+
+    The file descriptors themselves are replaced, so output written below Python (DeepSpeed's op builder, torch's
+    C++ warnings) lands there too. The driver's console then holds only what a user acts on: its progress bar and
+    results; what each rank said is in the run directory beside its checkpoints.
+    """
+    path = Path(run_dir) / WORKER_LOGS / f"worker_{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(descriptor, 1)
+        os.dup2(descriptor, 2)
+    finally:
+        os.close(descriptor)
+    return path
+
+
 def _train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     from training.trainer.worker import train_worker
 
+    world_rank = ray.train.get_context().get_world_rank()
+    send_output_to_run_logs(loop_config["config"].run_dir, world_rank)
     log_permanent_errors_in_one_line()
     local_rank = ray.train.get_context().get_local_rank()
-    record_placement(loop_config["config"].run_dir, ray.train.get_context().get_world_rank())
+    record_placement(loop_config["config"].run_dir, world_rank)
     config, console, owner = loop_config["config"], loop_config.get("console", True), loop_config["owner"]
     train_worker(config, local_rank=local_rank, console=console, owner=owner)
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -69,6 +70,9 @@ def connect(cluster: ClusterConfig) -> str:
         A description of what was joined or started, for the console.
     """
     address = cluster_address(cluster)
+    # Ray Data jobs (indexing, generation) draw one tqdm bar of their own; Ray Data's console lines (its progress
+    # notice, "execution finished") are read at its import from this variable, which a user may still set.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     if address is None:
         # Never expose a cluster on the network by accident: every listener of a local head stays on loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -81,7 +85,9 @@ def connect(cluster: ClusterConfig) -> str:
     if ray.is_initialized():
         return "ray already initialised in this process"
     if address is not None:
-        ray.init(address=address, logging_level=logging.WARNING)
+        # Workers' output is not streamed to this console: training ranks write <run>/logs/, the rest stays in
+        # Ray's own session logs. The console keeps the driver's progress and results.
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return f"joined the Ray cluster at {address}"
     needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -109,6 +115,7 @@ def connect(cluster: ClusterConfig) -> str:
             num_gpus=None if cluster.use_gpu else 0,
             runtime_env={"env_vars": {"PYTHONPATH": python_path, "RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}},
             logging_level=logging.WARNING,
+            log_to_driver=False,  # as above: workers write <run>/logs/ and Ray's session logs
         )
     finally:
         if previous_port is None:
@@ -137,7 +144,18 @@ def _start_watchdog(ray_pids: list[int]) -> None:
     global _watchdog
     script = Path(__file__).with_name("ray_watchdog.py")
     command = [sys.executable, str(script), str(os.getpid()), *map(str, ray_pids)]
-    _watchdog = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    _watchdog = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    atexit.register(_tell_watchdog_the_driver_ended_normally)
+
+
+def _tell_watchdog_the_driver_ended_normally() -> None:
+    """At a normal exit the watchdog's cleanup is routine and stays silent (a killed driver never gets here)."""
+    if _watchdog is not None and _watchdog.stdin is not None:
+        try:
+            _watchdog.stdin.write(b"ended normally\n")
+            _watchdog.stdin.flush()
+        except OSError:  # the watchdog is gone already
+            pass
 
 
 def _free_port() -> int:

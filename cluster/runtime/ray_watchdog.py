@@ -8,6 +8,8 @@ The driver starts this script in its own session with the pids of the processes 
 lives it records every process in their trees (workers come and go); once its parent pid changes (the driver is
 gone) it sends SIGTERM to every recorded process still running and SIGKILL after a grace period, then exits. It
 finds Ray's processes by pid and start time only, never by name, so it never touches another Ray on the machine.
+A driver that ends normally writes `ended normally` to this script's stdin at exit (`ray_setup` does): the cleanup
+is then routine and says nothing on the console; after a driver that was killed it prints one line.
 It imports nothing but psutil, so it starts in a fraction of a second.
 
     python cluster/runtime/ray_watchdog.py <driver pid> <pid of a process ray.init started> ...
@@ -65,6 +67,16 @@ def stop(known: dict[int, psutil.Process], grace: float = GRACE_SECONDS) -> int:
     return len(running)
 
 
+def _driver_said_it_ended_normally() -> bool:
+    """What the driver wrote to stdin before it went, read without waiting: a pipe end some other process still
+    holds must not keep the cleanup from finishing."""
+    try:
+        os.set_blocking(sys.stdin.fileno(), False)
+        return b"ended normally" in (os.read(sys.stdin.fileno(), 64) or b"")
+    except (OSError, ValueError):  # nothing written (BlockingIOError), or no stdin at all
+        return False
+
+
 def watch(driver_pid: int, root_pids: list[int]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the driver must not stop the cleanup
     roots = []
@@ -83,7 +95,8 @@ def watch(driver_pid: int, root_pids: list[int]) -> int:
     record(roots, known)  # the trees of the processes still running (the raylet's workers)
     stopped = stop(known)
     if stopped:
-        logger.warning("driver %d is gone; stopped %d process(es) of its local Ray", driver_pid, stopped)
+        level = logging.INFO if _driver_said_it_ended_normally() else logging.WARNING
+        logger.log(level, "driver %d is gone; stopped %d process(es) of its local Ray", driver_pid, stopped)
     return 0
 
 

@@ -176,7 +176,7 @@ def test_resubmitted_run_continues_exactly(ray_head, workspace, clean_run):
     assert layout.latest_complete(run_dir)[0] == 2
     code, output = submit(ray_head, workspace, "resumed")
     assert code == 0, output[-4000:]
-    assert "resumed from" in output
+    assert "resuming from" in output and "step 2" in output
     assert starts(run_dir) == [0, 2]
     assert trajectory(run_dir) == trajectory(clean_run)  # same losses, lrs and samples, step for step
     assert data_digest(run_dir) == data_digest(clean_run)  # and every rank read the same samples

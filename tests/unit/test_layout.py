@@ -186,3 +186,17 @@ def test_no_package_folder_holds_more_than_twelve_modules() -> None:
             if len(modules) > MAX_MODULES_PER_FOLDER:
                 crowded[str(folder.relative_to(REPO_ROOT))] = len(modules)
     assert not crowded, f"folders over {MAX_MODULES_PER_FOLDER} modules: {crowded}"
+
+
+def test_the_runtime_of_cluster_imports_no_job() -> None:
+    """cluster/runtime/ (how Ray is reached) is below the jobs, benchmarks and server that run on it."""
+    graph = _import_graph(_modules())
+    above = ("cluster.jobs", "cluster.bench", "cluster.serving")
+    uphill = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if module.startswith("cluster.runtime")
+        for target in targets
+        if target.startswith(above)
+    )
+    assert not uphill, uphill
