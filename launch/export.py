@@ -4,8 +4,10 @@
     python launch/export.py --checkpoint /shared/runs/vith/checkpoints/step_00040000 --out bundles/vith --overwrite
 
 The bundle holds `model.safetensors`, `bundle.json` (model config with its tower flags, tokenizer, preprocessing,
-the weights' sha256) and the fine-tuned CLIP towers as `open_clip_model.safetensors`, which open_clip loads itself:
-`open_clip.create_model_and_transforms(name, pretrained="bundles/demo/open_clip_model.safetensors")`.
+the weights' sha256) and the fine-tuned CLIP towers as `open_clip_model.safetensors` with their open_clip config
+`<model_name>.json`, which plain open_clip loads itself:
+`open_clip.add_model_config("bundles/demo/ContextTiny.json")`, then
+`open_clip.create_model_and_transforms("ContextTiny", pretrained="bundles/demo/open_clip_model.safetensors")`.
 In Python: `training.retrieval.bundle.load_bundle("bundles/demo")` returns a `Retriever`.
 """
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # open_clip warns that the towers start random: the weights follow
     from training.evaluation.runner import CheckpointError
-    from training.retrieval.bundle import export_bundle
+    from training.retrieval.bundle import export_bundle, towers_config_name
 
     try:
         info = export_bundle(args.checkpoint, args.out, overwrite=args.overwrite)
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         f"bundle: {args.out}  ({info.backbone}, step {info.source['step']}, weights sha256 {info.weights_sha256[:12]})"
     )
     print(f"index a gallery: python launch/index.py --bundle {args.out} --images <folder or list> --out <index>")
+    print(
+        f'plain open_clip: open_clip.add_model_config("{args.out}/{towers_config_name(info.backbone)}"), then '
+        f'open_clip.create_model_and_transforms("{info.backbone}", pretrained="{args.out}/open_clip_model.safetensors")'
+    )
     return 0
 
 

@@ -46,6 +46,7 @@ class _PairActor:
             backoff_s=config.backoff_s,
             requests_per_second=config.requests_per_second / config.concurrency,
             max_tokens=config.max_tokens,
+            max_response_bytes=config.max_response_bytes,
         )
         self.runner = PairRunner(config, load_prompts(config.prompts), client, ResponseCache(self.cache_dir))
 

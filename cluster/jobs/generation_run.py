@@ -1,5 +1,10 @@
 """One `launch/generate.py` run: find the pairs, check the endpoint, map the pairs on Ray Data with a progress bar,
-then write the outputs and the summary."""
+then write the outputs and the summary.
+
+The endpoint is checked on the driver before Ray starts, twice: `<endpoint>/models` (the URL and the key), then
+one tiny chat completion (the key and the model as completions see them: some servers list their models to anyone).
+A refusal ends the run there as one `generate error:` line; found later, inside a Ray Data actor, it would come
+after Ray's own error lines."""
 
 from __future__ import annotations
 
@@ -11,7 +16,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cluster.root_config import RootConfig
+from shards.generate.config import GenerateConfig
 from shards.generate.pairs import Pair, PairResult
+
+CHECK_TIMEOUT_S = 30.0
+"""Total deadline of each pre-flight request to the endpoint."""
+CHECK_MAX_BYTES = 1024 * 1024
+"""Longest `/models` answer read: the check needs only its status."""
 
 
 class GenerateError(RuntimeError):
@@ -64,7 +75,9 @@ def prepare(config: RootConfig) -> GenerateJob:
     out = Path(generate.out).resolve()
     image_root = Path(generate.image_root).resolve() if generate.image_root else _common_root(pairs)
     cache_dir = Path(generate.cache_dir).resolve() if generate.cache_dir else out / "cache"
-    check_endpoint(generate.endpoint, os.environ.get(generate.api_key_env) or None)
+    api_key = os.environ.get(generate.api_key_env) or None
+    check_endpoint(generate.endpoint, api_key)
+    check_completions(generate, api_key)
     return GenerateJob(config, pairs, out, cache_dir, image_root)
 
 
@@ -82,19 +95,52 @@ def without_credentials(url: str) -> str:
 
 def check_endpoint(endpoint: str, api_key: str | None) -> None:
     """Ask `<endpoint>/models` once, so that a wrong URL or key stops the run before any pair is sent."""
-    import requests
+    import http.client
+
+    from shards.generate import bounded_http
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = requests.get(endpoint.rstrip("/") + "/models", headers=headers, timeout=30)
-    except requests.RequestException as error:
-        shown = without_credentials(endpoint)
-        raise GenerateError(f"generate.endpoint={shown} cannot be reached ({type(error).__name__})") from None
     shown = without_credentials(endpoint)
-    if response.status_code in (401, 403):
-        raise GenerateError(f"generate.endpoint={shown} refused the API key (http {response.status_code})")
-    if response.status_code == 404:
+    try:  # bounded like every other request: a trickling server cannot hold the driver here either
+        reply = bounded_http.request(
+            "GET", endpoint.rstrip("/") + "/models", None, headers, CHECK_TIMEOUT_S, CHECK_MAX_BYTES
+        )
+        status = reply.status
+    except bounded_http.ResponseTooLarge as error:
+        status = error.status  # a long model list is still an answer
+    except (OSError, http.client.HTTPException) as error:
+        raise GenerateError(f"generate.endpoint={shown} cannot be reached ({type(error).__name__})") from None
+    if status in (401, 403):
+        raise GenerateError(f"generate.endpoint={shown} refused the API key (http {status})")
+    if status == 404:
         raise GenerateError(f"generate.endpoint={shown} has no /models: not an OpenAI-compatible base URL (try .../v1)")
+
+
+def check_completions(generate: GenerateConfig, api_key: str | None) -> None:
+    """Send one chat completion of one token, so that a key or model that completions refuse (401, 403, 404) stops
+    the run here, in one line, before Ray Data starts. Any other failure is left to the pairs' own retries and
+    failure counts: a busy endpoint, or one that insists on images, must not block a run that would work.
+    """
+    from shards.generate.client import ChatClient, EndpointError, EndpointRefused
+
+    client = ChatClient(
+        generate.endpoint,
+        generate.model,
+        api_key,
+        timeout_s=min(generate.timeout_s, CHECK_TIMEOUT_S),
+        max_retries=0,
+        max_tokens=1,
+        max_response_bytes=generate.max_response_bytes,
+    )
+    try:
+        client.complete([{"role": "user", "content": "Reply with OK."}])
+    except EndpointRefused as error:
+        raise GenerateError(
+            f"generate.endpoint={without_credentials(generate.endpoint)} refused a chat completion ({error.reason}): "
+            f"check the API key in ${generate.api_key_env} and generate.model={generate.model!r}"
+        ) from None
+    except EndpointError:
+        pass
 
 
 def run(job: GenerateJob) -> dict[str, Any]:

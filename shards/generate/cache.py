@@ -2,21 +2,30 @@
 the endpoint nothing it has already answered.
 
 A request's key covers the prompt version, the model, the stage, the content hashes of its images, the text of
-every message (which holds the earlier stages' answers and any repair turn), `max_tokens` and the answer schema. Unusable answers are kept too: a rerun
-replays the same repair conversation and reaches the same result. Writes go to a temporary name and are renamed
-into place, so concurrent workers and kills leave only whole entries.
+every message (which holds the earlier stages' answers and any repair turn), `max_tokens` and the answer schema.
+Unusable answers are kept too: a rerun replays the same repair conversation and reaches the same result. Writes go
+to a temporary name and are renamed into place, so concurrent workers and kills leave only whole entries.
+
+An answer longer than the client's `max_response_bytes` is never stored (the client fails it), and an entry over
+that limit when read (written by an older version, or by hand) is dropped and asked again: a cache file is never
+an open door for an answer the endpoint could not send today.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shards.generate.client import ChatClient, Usage
+
+logger = logging.getLogger(__name__)
+_ESCAPED_BYTES_PER_BYTE = 6
+"""The most bytes JSON's escaping (`\\u0001`) writes per byte of text: bounds an entry's file by its text."""
 
 
 def request_key(
@@ -49,15 +58,35 @@ class ResponseCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str, max_text_bytes: int | None = None) -> dict[str, Any] | None:
+        """The entry of `key`, or None when there is none or it is unusable.
+
+        Args:
+            max_text_bytes: an entry whose text is longer (in UTF-8) is deleted and reported absent; its file is
+                not even read when its size alone says so.
+        """
         path = self._path(key)
         try:
+            if max_text_bytes is not None and path.stat().st_size > _ESCAPED_BYTES_PER_BYTE * max_text_bytes + 4096:
+                return self._drop(path, max_text_bytes)
             entry = json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except ValueError:  # not written by this class (renames are atomic); treat it as absent and rewrite it
             return None
-        return entry if isinstance(entry, dict) and isinstance(entry.get("text"), str) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+            return None
+        if max_text_bytes is not None and len(entry["text"].encode("utf-8", errors="replace")) > max_text_bytes:
+            return self._drop(path, max_text_bytes)
+        return entry
+
+    @staticmethod
+    def _drop(path: Path, max_text_bytes: int) -> None:
+        logger.warning(
+            "dropping cached answer %s: longer than max_response_bytes=%d; asking again", path, max_text_bytes
+        )
+        path.unlink(missing_ok=True)
+        return None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         path = self._path(key)
@@ -95,7 +124,7 @@ def cached_completion(
 
     settings = {"max_tokens": max_tokens, "response_format": answer_format}
     key = request_key(*key_parts, messages, settings)
-    cached = cache.get(key)
+    cached = cache.get(key, client.max_response_bytes)  # an answer the client would refuse today is no cache hit
     if cached is not None:
         return cached["text"], True
     try:

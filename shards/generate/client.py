@@ -1,12 +1,18 @@
 """A client of any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, a hosted API): rate-limited, with
 exponential backoff on 429, 5xx, timeouts and dropped connections, honouring `Retry-After`.
 
+Each request has a total deadline (`timeout_s`: connect, headers and the whole body) and a size limit
+(`max_response_bytes`), both enforced by `shards.generate.bounded_http`: a slow or hostile endpoint can hold a worker
+no longer than the deadline, nor hand it more than the limit. An answer over the limit fails at once (no retry: the
+same question would get the same answer), so it is never cached nor quoted back in a repair turn.
+
 The API key is read from the environment variable the config names (or the config itself) and only ever placed in
 the `Authorization` header: no message, log line or record built here contains it.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import threading
@@ -14,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
+from shards.generate import bounded_http
+from shards.generate.bounded_http import DEFAULT_MAX_RESPONSE_BYTES
 
 RETRIED_STATUS = frozenset({408, 425, 429})
 """Besides every 5xx: a timeout, too early, rate limited."""
@@ -86,16 +93,19 @@ class ChatClient:
         backoff_s: float = 1.0,
         requests_per_second: float = 0.0,
         max_tokens: int = 1024,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
+        """`timeout_s`: the total deadline of one request (connect, headers, whole body), in seconds;
+        `max_response_bytes`: the longest answer body accepted."""
         self.url = endpoint.rstrip("/") + "/chat/completions"
         self.model = model
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.max_tokens = max_tokens
+        self.max_response_bytes = max_response_bytes
         self.limiter = RateLimiter(requests_per_second)
-        self.session = requests.Session()
-        self.session.headers["Content-Type"] = "application/json"
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
+            self._headers["Authorization"] = f"Bearer {api_key}"
 
     def complete(self, messages: list[dict[str, Any]], response_format: dict[str, Any] | None = None) -> Completion:
         """The first choice's text; raises EndpointError once the retries are used up."""
@@ -116,24 +126,32 @@ class ChatClient:
             self.limiter.wait()
             usage.calls += 1
             try:
-                response = self.session.post(self.url, data=json.dumps(body), timeout=self.timeout_s)
-            except requests.Timeout:
+                reply = bounded_http.request(
+                    "POST", self.url, json.dumps(body).encode(), self._headers, self.timeout_s, self.max_response_bytes
+                )
+            except bounded_http.ResponseTooLarge as error:
+                if error.status in REFUSED_STATUS:
+                    raise EndpointRefused(f"http {error.status}", self._refused_detail(), usage.calls) from None
+                raise EndpointError("response too large", str(error), usage.calls) from None
+            except TimeoutError:  # the total deadline (or a connect that timed out)
                 last = "timeout"
                 continue
-            except requests.RequestException:  # refused, reset or dropped mid-answer (ChunkedEncodingError too)
+            except (OSError, http.client.HTTPException):  # refused, reset or dropped mid-answer
                 last = "connection error"
                 continue
-            if response.status_code in REFUSED_STATUS:
-                detail = f"{self.url} refused the request ({self.model})"
-                raise EndpointRefused(f"http {response.status_code}", detail, usage.calls)
-            if response.status_code in RETRIED_STATUS or response.status_code >= 500:
-                last = f"http {response.status_code}"
-                hint = response.headers.get("Retry-After")
+            if reply.status in REFUSED_STATUS:
+                raise EndpointRefused(f"http {reply.status}", self._refused_detail(), usage.calls)
+            if reply.status in RETRIED_STATUS or reply.status >= 500:
+                last = f"http {reply.status}"
+                hint = reply.headers.get("Retry-After")
                 continue
-            if response.status_code >= 400:
-                raise EndpointError(f"http {response.status_code}", response.text[:200], usage.calls)
-            return self._parse(response, usage)
+            if reply.status >= 400:
+                raise EndpointError(f"http {reply.status}", _text(reply.body[:800])[:200], usage.calls)
+            return self._parse(reply, usage)
         raise EndpointError(last, f"gave up after {self.max_retries + 1} attempts", usage.calls)
+
+    def _refused_detail(self) -> str:
+        return f"{self.url} refused the request ({self.model})"
 
     def _wait(self, attempt: int, retry_after: str | None) -> float:
         """The server's `Retry-After` seconds when it sent them, else exponential backoff with jitter."""
@@ -145,12 +163,12 @@ class ChatClient:
         return min(60.0, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
 
     @staticmethod
-    def _parse(response: requests.Response, usage: Usage) -> Completion:
+    def _parse(reply: bounded_http.Reply, usage: Usage) -> Completion:
         try:
-            payload = response.json()
+            payload = json.loads(reply.body)
             text = payload["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise EndpointError("unreadable completion", response.text[:200], usage.calls) from None
+            raise EndpointError("unreadable completion", _text(reply.body[:800])[:200], usage.calls) from None
         if not isinstance(text, str):
             raise EndpointError("unreadable completion", "message content is not text", usage.calls)
         counted = payload.get("usage")
@@ -158,6 +176,10 @@ class ChatClient:
             usage.prompt_tokens += _count(counted.get("prompt_tokens"))
             usage.completion_tokens += _count(counted.get("completion_tokens"))
         return Completion(text, usage)
+
+
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", errors="replace")
 
 
 def _count(value: Any) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shards.generate.bounded_http import DEFAULT_MAX_RESPONSE_BYTES
+
 TREE_MAKERS = ("none", "synthetic")
 
 
@@ -57,6 +59,12 @@ class GenerateConfig:
     requests_per_second: float = 0.0
     """Cap on request starts per second over the whole run (0: none), shared out between the workers."""
     timeout_s: float = 120.0
+    """Seconds one request may take in all: connecting, the headers and the whole answer (a total deadline, not the
+    gap between two reads). A request past it is cut off and counts as a timeout, which is retried."""
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    """Longest answer body accepted, in bytes (2 MiB; an honest answer of `max_tokens` tokens is a few KB). A longer
+    one is cut off and the pair fails as `endpoint_response_too_large`: it is not retried, cached or sent back in
+    a repair turn, and a cached answer over the limit is dropped and asked again."""
     max_retries: int = 6
     """Retries of a request after 429, 5xx, a timeout or a dropped connection, with exponential backoff."""
     backoff_s: float = 1.0
@@ -90,6 +98,10 @@ class GenerateConfig:
         for name in ("max_retries", "repair_attempts", "min_words", "limit", "requests_per_second", "backoff_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"generate.{name} must be >= 0")
+        if self.timeout_s <= 0:
+            raise ValueError("generate.timeout_s must be > 0")
+        if self.max_response_bytes < 1024:
+            raise ValueError("generate.max_response_bytes must be >= 1024 (the default is 2 MiB)")
         if self.trees not in TREE_MAKERS:
             raise ValueError(f"generate.trees={self.trees!r} must be one of {TREE_MAKERS}")
         if sum(x is not None for x in (self.pairs, self.source, self.mine.index)) > 1:

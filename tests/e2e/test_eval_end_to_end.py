@@ -318,3 +318,50 @@ def test_eval_rebuilds_the_towers_with_the_activation_the_checkpoint_records(tmp
     assert model_config.quick_gelu is True
     assert isinstance(model.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(model.backbone.clip.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+class _Weights:
+    """`model.safetensors` of a network, as the trainer's consolidated-weights piece writes it (rank 0)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def save(self, directory: Path, rank: int) -> None:
+        from training.model.weights import save_model_weights
+
+        save_model_weights(self.model, directory / "model.safetensors")
+
+    def load(self, directory: Path) -> None:
+        """Nothing: eval reads the file itself."""
+
+
+def test_a_checkpoint_copied_out_of_its_run_evaluates(tmp_path, capsys) -> None:
+    """How checkpoints are shared: `step_00001000` copied to `shared-models/intact` has no step in its name, so eval
+    reads the step from `trainer_state.json` as the trainer's `Checkpointer` writes it (`train.step`)."""
+    import shutil
+
+    from training.checkpoint.checkpointer import Checkpointer
+    from training.checkpoint.pieces import ResolvedConfig
+    from training.config_loader import to_yaml
+    from training.trainer.state import TrainState
+
+    write_synthetic(tmp_path / "synthetic", sets=2)
+    overrides = [
+        f"cluster.storage_path={tmp_path / 'runs'}",
+        f"eval.datasets.synthetic.root={tmp_path / 'synthetic'}",
+        "eval.loader_workers=0",
+        "eval.device=cpu",
+    ]
+    config = load_config(TINY, overrides)
+    torch.manual_seed(0)
+    pieces = {"weights": _Weights(build_model(config.model)), "config": ResolvedConfig(to_yaml(config))}
+    writer = Checkpointer(config.run_dir, 3, files=pieces, per_rank={}, per_run={"train": TrainState(step=1000)})
+    shared = tmp_path / "shared-models" / "intact"
+    shutil.copytree(writer.save(1000), shared)
+
+    code = eval_main()(["--config", TINY, "--checkpoint", str(shared), "--benchmarks", "synthetic", *overrides])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"checkpoint step 1000 ({shared})" in captured.out
+    assert "synthetic [val] 4 queries, gallery 12" in captured.out and "recall@1" in captured.out
+    assert json.loads((config.run_dir / "eval" / "step_00001000.json").read_text())["checkpoint"] == str(shared)

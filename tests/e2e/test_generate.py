@@ -264,3 +264,62 @@ def test_mined_pairs_keep_k_neighbours_inside_the_band_seeded(synthetic, tmp_pat
     for pair, _ in banded:
         per_image[pair.reference] = per_image.get(pair.reference, 0) + 1
     assert max(per_image.values()) <= 2
+
+
+class _RefusingCompletions(BaseHTTPRequestHandler):
+    """Lists its models to anyone, as some servers do, but answers every chat completion 401."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send(401, {"error": {"message": "invalid API key"}})
+
+
+def test_a_key_that_completions_refuse_is_one_error_line(tmp_path):
+    """`launch/generate.py` against an endpoint whose /models answers but whose completions refuse the key: exit 2
+    and exactly one line, `generate error: ... http 401`, with no Ray Data ERROR/INFO lines before it."""
+    from PIL import Image
+
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"id": "p0", "reference": "a.png", "target": "b.png"}) + "\n")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingCompletions)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        config = tmp_path / "refused.yaml"
+        config.write_text(f"""
+data: {{shards_dir: {tmp_path / "unused"}}}
+generate:
+  pairs: {tmp_path / "pairs.jsonl"}
+  out: {tmp_path / "out"}
+  endpoint: http://127.0.0.1:{server.server_address[1]}/v1
+  model: m
+  api_key_env: {KEY_VARIABLE}
+  concurrency: 1
+cluster: {{num_workers: 1}}
+""")
+        command = [sys.executable, str(REPO / "launch/generate.py"), "--config", str(config)]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env=_env(**{KEY_VARIABLE: "sk-refused"})
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("generate error: ") and "http 401" in lines[0], lines
+    assert "sk-refused" not in lines[0]

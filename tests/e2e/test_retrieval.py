@@ -120,25 +120,43 @@ def test_bundle_loads_without_deepspeed_or_ray(world) -> None:
     assert "DIM 64 HEAVY []" in result.stdout, result.stdout
 
 
-def test_open_clip_loads_the_exported_towers(world) -> None:
-    """`open_clip.create_model_and_transforms(name, pretrained=FILE)` gives the bundle's own image embeddings."""
-    import open_clip
+PLAIN_OPEN_CLIP = """
+import json, sys
+import open_clip, torch
+from PIL import Image
 
+bundle, image = sys.argv[1], sys.argv[2]
+name = json.load(open(f"{bundle}/bundle.json"))["open_clip"]["model_name"]
+open_clip.add_model_config(f"{bundle}/{name}.json")
+model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=f"{bundle}/open_clip_model.safetensors")
+model.eval()
+with torch.no_grad():
+    embedding = torch.nn.functional.normalize(model.encode_image(preprocess(Image.open(image)).unsqueeze(0)), dim=-1)
+ours = sorted({module.split(".")[0] for module in sys.modules} & {"shards", "training", "cluster", "launch"})
+print(json.dumps({"embedding": embedding[0].tolist(), "project_modules": ours}))
+"""
+"""What a user of the bundle runs: open_clip alone, the model's name and two files of the bundle."""
+
+
+def test_open_clip_loads_the_exported_towers(world, tmp_path) -> None:
+    """In a fresh interpreter that imports only open_clip (nothing of this project registers `ContextTiny` there),
+    `add_model_config(<bundle>/<model_name>.json)` then `create_model_and_transforms(<model_name>, pretrained=...)`
+    gives the bundle's own image embeddings."""
     info = json.loads((world["bundle"] / "bundle.json").read_text())
-    open_clip.add_model_config(world["bundle"] / info["open_clip"]["config"])
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        info["open_clip"]["model_name"],
-        pretrained=str(world["bundle"] / info["open_clip"]["file"]),
-        force_quick_gelu=info["open_clip"]["quick_gelu"],
-    )
-    model.eval()
+    name = info["open_clip"]["model_name"]
+    assert info["open_clip"]["config"] == f"{name}.json" == "ContextTiny.json"
+    towers_config = json.loads((world["bundle"] / f"{name}.json").read_text())
+    assert set(towers_config) <= {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}, towers_config
     image = _images(world)[0]
-    from PIL import Image
-
-    with torch.no_grad():
-        theirs = torch.nn.functional.normalize(model.encode_image(preprocess(Image.open(image)).unsqueeze(0)), dim=-1)
+    # -I: no PYTHONPATH, no user site, not even the working directory on sys.path
+    plain_env = {key: value for key, value in _env().items() if key != "PYTHONPATH"}
+    command = [sys.executable, "-I", "-c", PLAIN_OPEN_CLIP, str(world["bundle"]), image]
+    result = subprocess.run(command, cwd=tmp_path, env=plain_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["project_modules"] == []
     ours = load_bundle(world["bundle"], device="cpu").encode_gallery([image])  # target_encoding=clip: CLIP's space
-    assert np.abs(theirs.numpy() - ours).max() <= 1e-5
+    assert np.abs(np.asarray(loaded["embedding"]) - ours[0]).max() <= 1e-5
 
 
 def test_a_damaged_bundle_is_refused(world, tmp_path) -> None:

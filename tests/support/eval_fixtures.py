@@ -149,7 +149,7 @@ def write_checkpoint(run_dir: Path, step: int, config, complete: bool = True, se
     path.mkdir(parents=True, exist_ok=True)
     save_model_weights(build_model(config.model), path / layout.WEIGHTS)
     (path / layout.CONFIG).write_text(to_yaml(config))
-    (path / layout.TRAINER_STATE).write_text(json.dumps({"step": step}))
+    (path / layout.TRAINER_STATE).write_text(json.dumps({"train": {"step": step}}))  # as Checkpointer.save writes it
     if complete:
         layout.mark_complete(path)
         layout.update_latest_pointer(run_dir, step)
@@ -171,7 +171,7 @@ def write_method_checkpoint(run_dir: Path, step: int, config, seed: int = 0) -> 
     network = build_method_objective(config.train.objective, config.model, config.methods).model
     save_model_weights(network, path / layout.WEIGHTS)
     (path / layout.CONFIG).write_text(to_yaml(config))
-    (path / layout.TRAINER_STATE).write_text(json.dumps({"step": step}))
+    (path / layout.TRAINER_STATE).write_text(json.dumps({"train": {"step": step}}))  # as Checkpointer.save writes it
     layout.mark_complete(path)
     layout.update_latest_pointer(run_dir, step)
     return path

@@ -161,3 +161,79 @@ def test_prune_honours_only_a_fresh_lease(tmp_path) -> None:
     assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [20]
     watch_lease.lease_path(run_dir).write_text("{garbage")
     assert watch_lease.claimed_after(run_dir) is None
+
+
+def test_a_bad_checkpoint_is_recorded_failed_and_the_watch_goes_on(config, caplog) -> None:
+    """A COMPLETE checkpoint with truncated weights: recorded as failed in watch_state.json and the log, skipped;
+    the next checkpoints are scored, and a restarted watcher neither stops at it nor tries it again."""
+    run_dir = config.run_dir
+    evaluator = Evaluator(config)
+    calls: Counter[int] = Counter()
+
+    def evaluate(path: Path) -> dict:
+        calls[layout.step_of(path)] += 1
+        return evaluator.evaluate(path)
+
+    weights = write_checkpoint(run_dir, 10, config) / layout.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    write_checkpoint(run_dir, 20, config)
+    first = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.05, final_step=30, until_step=20)
+    with caplog.at_level("ERROR", logger="training.evaluation.watcher"):
+        assert first.run(max_scans=5) == [20]
+    assert (
+        f"checkpoint {weights.parent} failed and is skipped" in caplog.text and "cannot load the weights" in caplog.text
+    )
+    state = json.loads((run_dir / "eval" / "watch_state.json").read_text())["done"]
+    assert "cannot load the weights" in state["10"]["failed"] and "failed" not in state["20"]
+    assert not result_path(run_dir, 10).exists() and result_path(run_dir, 20).is_file()
+
+    write_checkpoint(run_dir, 30, config)
+    restarted = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.05, final_step=30)
+    assert restarted.run(max_scans=5) == [30] and restarted.finished()
+    assert calls == Counter({10: 1, 20: 1, 30: 1})
+
+
+def test_checkpoints_the_watcher_protected_are_pruned_when_it_releases_them(tmp_path) -> None:
+    """A keep=1 run saves 8 checkpoints while a watcher that has scored nothing holds its lease, so the trainer keeps
+    all 8; as the watcher scores each one it is pruned, and once the run's last one is scored only it is left."""
+    from training.checkpoint import watch_lease
+    from training.checkpoint.checkpointer import prune
+    from training.config_loader import to_yaml
+
+    keep_one = load_config(REPO / "configs" / "tiny.yaml", [f"cluster.storage_path={tmp_path}", "checkpoint.keep=1"])
+    run_dir = keep_one.run_dir
+    watch_lease.write_lease(run_dir, through=-1)  # a watcher slower than the trainer
+    for step in range(1, 9):
+        path = layout.checkpoint_dir(run_dir, step)
+        path.mkdir(parents=True)
+        (path / layout.CONFIG).write_text(to_yaml(keep_one))
+        layout.mark_complete(path)
+        prune(run_dir, keep_one.checkpoint.keep)  # as Checkpointer.save does
+    assert len(layout.complete_checkpoints(run_dir)) == 8
+
+    on_disk_while_scoring = {}
+
+    def evaluate(path: Path) -> dict:
+        on_disk_while_scoring[layout.step_of(path)] = [step for step, _ in layout.complete_checkpoints(run_dir)]
+        return {}
+
+    watcher = CheckpointWatcher(run_dir, evaluate, poll_seconds=0.01, final_step=8, sleep=lambda _: None)
+    assert watcher.run(max_scans=3) == list(range(1, 9))
+    assert on_disk_while_scoring[5] == [5, 6, 7, 8]  # 1..4 went as each was scored
+    assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [8]
+
+
+def test_pruning_on_release_keeps_what_the_run_recorded_not_the_readers_keep(tmp_path) -> None:
+    """The watcher prunes by the run's own checkpoint.keep (from the newest checkpoint's config.yaml), and not at all
+    when that cannot be read."""
+    from training.checkpoint.pruning import prune_released
+    from training.config_loader import to_yaml
+
+    keep_three = load_config(REPO / "configs" / "tiny.yaml", [f"cluster.storage_path={tmp_path}", "checkpoint.keep=3"])
+    run_dir = keep_three.run_dir
+    for step in range(1, 6):
+        _complete_checkpoint(run_dir, step)
+    assert prune_released(run_dir) == []  # hand-made checkpoints without a config: nothing is deleted
+    (layout.checkpoint_dir(run_dir, 5) / layout.CONFIG).write_text(to_yaml(keep_three))
+    assert prune_released(run_dir) == [1, 2]
+    assert [step for step, _ in layout.complete_checkpoints(run_dir)] == [3, 4, 5]

@@ -19,8 +19,9 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from training.checkpoint import layout, watch_lease
+from training.checkpoint import layout
 from training.checkpoint.pieces import CheckpointLoadError, FilePiece, Stateful
+from training.checkpoint.pruning import prune
 from training.engine.distributed import all_gather_json, barrier, rank_and_world
 from training.errors import PermanentError
 
@@ -160,31 +161,6 @@ def _failed_write(path: Path, writing: str, rank: int, error: OSError) -> Checkp
         f"rank {rank} could not write the {writing!r} piece of checkpoint {path} ({error.strerror or error}); "
         f"its partial files are removed; {free}",
     )
-
-
-def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and unfinished ones older than the newest.
-
-    A complete checkpoint that a live eval watcher has yet to score stays (`training.checkpoint.watch_lease`).
-    """
-    complete = layout.complete_checkpoints(run_dir)
-    if not complete:
-        return
-    newest_step = complete[-1][0]
-    claimed_after = watch_lease.claimed_after(run_dir)
-    held = []
-    for step, old in complete[:-keep] if keep < len(complete) else []:
-        if claimed_after is not None and step > claimed_after:
-            held.append(step)
-            continue
-        shutil.rmtree(old, ignore_errors=True)
-    if held:
-        logger.info("kept checkpoints %s past checkpoint.keep=%d: the eval watcher has not scored them yet", held, keep)
-    root = layout.checkpoints_root(run_dir)
-    for child in root.iterdir():
-        step = layout.step_of(child)
-        if step is not None and step < newest_step and child.is_dir() and not layout.is_complete(child):
-            shutil.rmtree(child, ignore_errors=True)
 
 
 def resume_problem(run_dir: str | Path, world_size: int) -> str | None:

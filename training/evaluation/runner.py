@@ -70,13 +70,24 @@ def resolve_checkpoint(path: str | Path) -> tuple[int, Path]:
     if not layout.is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {layout.MARKER} marker); refusing to read it")
     step = layout.step_of(path)
-    if step is None:
-        state_file = path / layout.TRAINER_STATE
-        try:
-            step = int(json.loads(state_file.read_text())["step"])
-        except (OSError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{path}: no step in its name or in {state_file}: {error}") from error
+    if step is None:  # renamed or copied out of its run (how checkpoints are shared): the trainer state knows
+        step = saved_step(path)
     return step, path
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The training step `trainer_state.json` records: `train.step`, as `Checkpointer.save` writes it.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or records no step.
+    """
+    state_file = checkpoint / layout.TRAINER_STATE
+    try:
+        return int(json.loads(state_file.read_text())["train"]["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{checkpoint}: no step in its name or in {state_file} (train.step): {type(error).__name__}: {error}"
+        ) from error
 
 
 def run_dir_of(checkpoint: Path, fallback: Path) -> Path:

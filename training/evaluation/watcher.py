@@ -5,6 +5,12 @@ invisible to it), evaluates each new one, and records it in `<run>/eval/watch_st
 every evaluation), so a restarted watcher skips what is done. It stops once a checkpoint at or beyond `until_step`
 is scored, or the run's final checkpoint (step == train.steps) is. While it runs it holds a lease on the checkpoints it
 has yet to score (`training.checkpoint.watch_lease`, renewed from a thread), so the trainer's pruning keeps them.
+Each time it releases one, and when it stops, it prunes by the run's own `checkpoint.keep`
+(`training.checkpoint.pruning.prune_released`): the trainer prunes only when it saves, so what the lease protected
+after the run's last save would otherwise stay on disk for good.
+
+A checkpoint that cannot be read (truncated weights, an unusable config: `CheckpointError`) is recorded as failed,
+logged and skipped; the watcher goes on to the next one, and a restarted watcher does not try it again.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import layout, lease, watch_lease
+from training.checkpoint import layout, lease, pruning, watch_lease
+from training.evaluation.runner import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +32,7 @@ STATE_VERSION = 1
 
 
 class WatchState:
-    """The steps already scored (or given up on), persisted as JSON."""
+    """The steps already scored, adopted or given up on (`failed`, `skipped`), persisted as JSON."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -116,21 +123,35 @@ class CheckpointWatcher:
             logger.info("evaluating checkpoint %s", path)
             try:
                 result = self.evaluate(path)
-            except Exception:
+            except Exception as error:
                 # Training prunes old checkpoints; one that vanished mid-evaluation is skipped, not fatal.
                 if not path.exists():
                     logger.warning("checkpoint %s was pruned while being evaluated; skipping it", path)
                     self.state.record(step, skipped="pruned during evaluation")
+                    self._release()
                     continue
-                raise
+                if not isinstance(error, CheckpointError):
+                    raise  # a benchmark or method problem recurs for every checkpoint: the job stops
+                # One bad checkpoint must not stop the watch: every later one would go unscored, and a restarted
+                # watcher would stop at the same place. Recorded, so nobody tries it again.
+                reason = " ".join(str(error).split())
+                logger.error("checkpoint %s failed and is skipped (recorded in %s): %s", path, self.state.path, reason)
+                self.state.record(step, checkpoint=str(path), failed=reason)
+                self._release()
+                continue
             self.state.record(step, checkpoint=str(path))
-            watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)  # release it to pruning
+            self._release()
             evaluated.append(step)
             if self.on_result is not None:
                 self.on_result(step, result)
             if self.finished():
                 break
         return evaluated
+
+    def _release(self) -> None:
+        """Release what is now done to pruning (the lease moves past it) and prune it."""
+        watch_lease.write_lease(self.run_dir, self.scored_through(), self.lease_seconds)
+        pruning.prune_released(self.run_dir)
 
     def scored_through(self) -> int:
         """The newest step done (scored, adopted or given up on); -1 for none."""
@@ -152,6 +173,7 @@ class CheckpointWatcher:
                     self.sleep(self.poll_seconds)
         finally:
             watch_lease.release(self.run_dir)
+            pruning.prune_released(self.run_dir)  # the lease is gone: what it still held goes back to checkpoint.keep
         if self.finished():
             logger.info("watch finished: the stop step is scored (done: %s)", sorted(self.state.done))
         return evaluated

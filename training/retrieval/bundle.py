@@ -3,14 +3,17 @@
     <bundle>/bundle.json                  format, model section, tokenizer, preprocessing, source, weights hash
     <bundle>/model.safetensors            every parameter of the ConText-CIR network
     <bundle>/open_clip_model.safetensors  the fine-tuned CLIP towers alone, loadable by open_clip itself
-    <bundle>/open_clip_config.json        the towers' open_clip architecture (needed for names open_clip lacks)
+    <bundle>/<model_name>.json            the towers' open_clip config: open_clip's own keys only, the activation
+                                          the towers were trained with (`quick_gelu`) included
 
-`export_bundle` writes one from a checkpoint; `load_bundle` turns one into a `Retriever`. The towers file serves
-other tools too:
+`export_bundle` writes one from a checkpoint; `load_bundle` turns one into a `Retriever`. The towers load in plain
+open_clip, in an interpreter that imports nothing of this project (`<model_name>` is bundle.json's
+`open_clip.model_name`, e.g. `ContextTiny` or `ViT-H-14`):
 
-    open_clip.add_model_config("<bundle>/open_clip_config.json")        # only for project models (ContextTiny)
+    import open_clip
+    open_clip.add_model_config("<bundle>/<model_name>.json")    # registers the config under the file's stem
     model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained="<bundle>/open_clip_model.safetensors", force_quick_gelu=<bundle.json open_clip.quick_gelu>)
+        "<model_name>", pretrained="<bundle>/open_clip_model.safetensors")
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from training.retrieval.manifest import (  # noqa: F401  (the bundle's public na
     BUNDLE_FORMAT,
     MANIFEST,
     TOWERS,
-    TOWERS_CONFIG,
     WEIGHTS,
     BundleError,
     BundleInfo,
     Preprocessing,
     read_bundle_info,
+    towers_config_name,
     verify_bundle,
 )
 
@@ -71,8 +74,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
     try:
         save_model_weights(model, staging / WEIGHTS)
         save_open_clip_towers(model.backbone.clip, staging / TOWERS)
-        architecture = {"model_name": backbone, **model_config(backbone)}
-        (staging / TOWERS_CONFIG).write_text(json.dumps(architecture, indent=2) + "\n")
+        towers_config = open_clip_config(model_config(backbone), resolved.quick_gelu)
+        (staging / towers_config_name(backbone)).write_text(json.dumps(towers_config, indent=2) + "\n")
         info = BundleInfo(
             model=_plain(asdict(resolved)),
             tokenizer={"backbone": backbone, "name": tokenizer_name(backbone)},
@@ -90,8 +93,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
             "open_clip": {
                 "model_name": backbone,
                 "file": TOWERS,
-                "config": TOWERS_CONFIG,
-                "quick_gelu": info.quick_gelu,
+                "config": towers_config_name(backbone),
+                "quick_gelu": towers_config["quick_gelu"],
             },
             "weights_sha256": info.weights_sha256,
             "source": info.source,
@@ -104,6 +107,16 @@ def export_bundle(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return info
+
+
+def open_clip_config(architecture: dict[str, Any], quick_gelu: bool | None) -> dict[str, Any]:
+    """The towers' config as open_clip itself writes one: its architecture keys and nothing of ours (open_clip passes
+    every key to the model's constructor, which rejects any other), with the activation the towers were built with.
+
+    `quick_gelu` is what the checkpoint recorded; a config that names QuickGELU itself (the `-quickgelu` models)
+    keeps it, as the project's `force_quick_gelu` only ever turns it on.
+    """
+    return {**architecture, "quick_gelu": bool(architecture.get("quick_gelu")) or bool(quick_gelu)}
 
 
 def _cpu():

@@ -14,7 +14,14 @@ BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
 WEIGHTS = "model.safetensors"
 TOWERS = "open_clip_model.safetensors"
-TOWERS_CONFIG = "open_clip_config.json"
+
+
+def towers_config_name(model_name: str) -> str:
+    """`<model_name>.json`: open_clip's `add_model_config(file)` registers a config under the file's stem, so the file
+    must carry the model's name for `create_model_and_transforms(model_name, ...)` to find it. (Bundles written
+    before this held `open_clip_config.json` with an extra `model_name` key that plain open_clip rejects; nothing
+    in this project reads that file, so those bundles still load with `load_bundle`.)"""
+    return f"{model_name}.json"
 
 
 class BundleError(ValueError):
