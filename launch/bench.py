@@ -3,7 +3,7 @@
     python launch/bench.py loader --config configs/tiny.yaml   # streaming reader throughput
     python launch/bench.py step   --config configs/tiny.yaml   # training step: efficient vs reference Text-CC, fused vs eager
     python launch/bench.py eval   --config configs/tiny.yaml   # eval query encoding with vs without grounding
-    python launch/bench.py gpu    [--out runs/bench_gpu.json]  # every GPU figure in one run (a dry run on CPU)
+    python launch/bench.py gpu    [--out runs/bench_gpu.json]  # every GPU figure in one run (--dry-run on a CPU)
     python launch/bench.py index  [--vectors 100000]           # flat vs IVF vs HNSW: build, query time, recall
 
 Every ratio is measured side by side in one run; absolute figures only mean something on a GPU.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.bench.gpu_preflight import PREFLIGHT_EXIT, PreflightFailed  # noqa: E402
 from cluster.cli import CONFIG_ERROR_EXIT, ArgumentParser, ConfigError, parse_config_args  # noqa: E402
 
 BENCHMARKS = {
@@ -31,6 +32,12 @@ BENCHMARKS = {
 """Benchmark name -> module with `add_arguments(parser)` and `run(config, args) -> dict`."""
 OWN_CONFIGS = {"gpu": "tiny", "index": "tiny"}
 """Benchmarks that read the shipped configs themselves: `--config` is optional for them."""
+SAYS_PROGRESS = {"gpu"}
+"""Benchmarks that print a line per part as they go (to stderr; stdout keeps the one JSON line)."""
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
-    print(json.dumps(benchmark.run(config, args), sort_keys=True))
+    try:
+        if chosen.benchmark in SAYS_PROGRESS:
+            result = benchmark.run(config, args, say=_say)
+        else:
+            result = benchmark.run(config, args)
+    except PreflightFailed as failure:  # the GPU bench's checks: one line, before anything started
+        print(f"preflight: {failure}", file=sys.stderr)
+        return PREFLIGHT_EXIT
+    print(json.dumps(result, sort_keys=True))
     return 0
 
 

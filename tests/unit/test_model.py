@@ -104,7 +104,8 @@ def test_fused_attention_equals_eager_and_pad_keys_get_zero_attention():
     torch.testing.assert_close(fused_maps, eager_maps, atol=1e-5, rtol=0)
 
     # Eager: the probabilities of PAD columns are exactly zero.
-    from training.model.fusion import attention_eager, column_probabilities, split_heads
+    from training.model.concept_maps import column_probabilities
+    from training.model.fusion import attention_eager, split_heads
 
     query = split_heads(block.q_proj(block.query_norm(tokens)), 4)
     key = split_heads(block.k_proj(block.text_norm(text)), 4)
@@ -362,3 +363,47 @@ def test_towers_rebuild_with_the_activation_of_their_weights():
     plain = build_model(TINY)
     assert isinstance(quick.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert not isinstance(plain.backbone.clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+_VALUE_READS = ("item", "tolist", "nonzero", "numpy", "__bool__", "__int__", "__float__", "__index__")
+"""Every way Python code reads a tensor's values: on a GPU each one makes the host wait for the device."""
+
+
+def _refuse_value_reads(monkeypatch) -> None:
+    def refuse(name: str):
+        def read(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name}: the forward read a tensor value (a host sync on a GPU)")
+
+        return read
+
+    for name in _VALUE_READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    monkeypatch.setattr(torch, "nonzero", refuse("torch.nonzero"))
+
+
+def test_the_training_step_reads_no_tensor_value_when_the_host_gave_the_layout(monkeypatch):
+    """The training loop reads the batch's sizes on the host before the copy (`BatchLayout`); the forward and
+    backward then never wait for the device, and give the same losses, bit for bit, as without the layout."""
+    from training.model.batch_layout import BatchLayout
+    from training.objectives.config import LossConfig
+    from training.objectives.context_cir import ConTextObjective
+    from training.trainer.loop import to_device
+
+    torch.manual_seed(0)
+    objective = ConTextObjective(TINY, LossConfig())
+    batch = make_batch([10, 75, 30], [3, 10, 0])  # long and short captions, a caption without phrases
+    expected = objective(batch)
+    moved = to_device(batch, torch.device("cpu"))  # as the loop hands batches to the engine
+    assert isinstance(moved["layout"], BatchLayout) and moved["layout"].np_count == 13
+
+    _refuse_value_reads(monkeypatch)
+    outputs = objective(moved)
+    sum(value for name, value in outputs.items() if name.endswith("_loss")).backward()
+    # Without the layout the forward reads the sizes from the tensors: the refusal above does catch that.
+    with pytest.raises(AssertionError, match="host sync"):
+        objective(batch)
+    monkeypatch.undo()
+
+    assert expected.keys() == outputs.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, outputs[name]), name

@@ -67,6 +67,8 @@ def test_monitor_logs_scalars_metrics_and_attention_grid(tmp_path):
     logged = read_metrics(tmp_path / "runs" / "test")
     assert logged[1]["loss"] == 2.5 and logged[2]["loss"] is None and logged[2]["skipped"] is True
     assert logged[2]["skipped_steps"] == 1 and logged[2]["digest"] == "abc" and logged[2]["lr"] == 1e-3
+    # The data wait beside the step time: a reader of the file can tell a loader-bound run.
+    assert logged[1]["step_time_s"] == 0.5 and logged[1]["data_wait_s"] == 0.1
 
 
 def test_attention_grid_draws_each_phrase_map_over_its_image():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shards.model_inputs import tokenizer
+from training.model.batch_layout import BatchLayout
 from training.model.config import ModelConfig
 from training.model.fusion import (
     ConceptColumns,
@@ -101,14 +102,20 @@ class ConTextCIR(nn.Module):
 
     # --- pieces -----------------------------------------------------------------------------------------------
 
-    def _text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, TextKeys]:
-        """(trimmed ids, their keys for the fusion); trimming trailing PAD is exact (causal tower, masked keys)."""
-        ids = trim_padding(caption_ids) if self.trim_text else caption_ids
+    def _text(self, caption_ids: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, TextKeys]:
+        """(trimmed ids, their keys for the fusion); trimming trailing PAD is exact (causal tower, masked keys).
+
+        `length`: the trimmed length, read on the host beforehand (`BatchLayout`); without it it is read here.
+        """
+        ids = trim_padding(caption_ids, length) if self.trim_text else caption_ids
         return ids, TextKeys.of(self.backbone.encode_text(ids), ids)
 
-    def _concepts(self, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int) -> ConceptColumns:
+    def _concepts(
+        self, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int, width: int | None = None
+    ) -> ConceptColumns:
         """In-context NP columns; the maps leave out the image tokens before the patch grid."""
-        return ConceptColumns.from_spans(np_spans, np_mask, key_length, self.backbone.image_prefix_tokens)
+        prefix = self.backbone.image_prefix_tokens
+        return ConceptColumns.from_spans(np_spans, np_mask, key_length, prefix, width)
 
     def _query(
         self, image_tokens: torch.Tensor, keys: TextKeys, concepts: ConceptColumns | None = None
@@ -183,26 +190,35 @@ class ConTextCIR(nn.Module):
 
     @torch.no_grad()
     def isolated_concept_maps(
-        self, patch_tokens: torch.Tensor, np_ids: torch.Tensor, np_mask: torch.Tensor
+        self,
+        patch_tokens: torch.Tensor,
+        np_ids: torch.Tensor,
+        np_mask: torch.Tensor,
+        layout: BatchLayout | None = None,
     ) -> torch.Tensor:
         """(B, N, P) maps of each NP encoded alone, over the given reference patch tokens (B, P, W); no gradient.
 
         Every real NP of the batch goes through one text-tower call at the NPs' own length and one fusion pass
-        (queries: its reference image's patch tokens; nothing from the image tower runs again).
+        (queries: its reference image's patch tokens; nothing from the image tower runs again). `layout` gives the
+        real NPs and their length as read on the host; without it they are read here (host syncs on a GPU).
         """
         batch, count, _ = np_ids.shape
         patches = patch_tokens.shape[1]
         maps = torch.zeros(batch * count, patches, dtype=torch.float32, device=patch_tokens.device)
-        rows = np_mask.reshape(-1).nonzero().squeeze(1)
-        if not rows.numel():
+        if layout is None:
+            rows = np_mask.reshape(-1).nonzero().squeeze(1)
+            found, length, width = rows.numel(), None, None
+        else:
+            rows, found, length, width = layout.np_rows, layout.np_count, layout.np_length, layout.isolated_width
+        if not found:
             return maps.reshape(batch, count, patches)
-        ids = trim_padding(np_ids.reshape(batch * count, -1)[rows])
+        ids = trim_padding(np_ids.reshape(batch * count, -1)[rows], length)
         keys = TextKeys.of(self.backbone.encode_text(ids), ids)
-        concepts = ConceptColumns.isolated(ids)  # queries are patch tokens only: no prefix rows
+        concepts = ConceptColumns.isolated(ids, width=width)  # queries are patch tokens only: no prefix rows
         images = torch.div(rows, count, rounding_mode="floor")
         # Chunks of NPs keep the fusion activations of one chunk in cache (CPU) or bounded in memory (GPU).
         step = max(1, ISOLATED_CHUNK_TOKENS[patch_tokens.device.type == "cuda"] // patches)
-        for start in range(0, rows.numel(), step):
+        for start in range(0, found, step):
             chunk = slice(start, start + step)
             isolated = self.fusion.concept_maps(patch_tokens[images[chunk]], keys[chunk], concepts[chunk], self.eager)
             maps[rows[chunk]] = isolated[:, 0].float()
@@ -216,8 +232,15 @@ class ConTextCIR(nn.Module):
         np_spans: torch.Tensor | None = None,
         np_mask: torch.Tensor | None = None,
         np_ids: torch.Tensor | None = None,
+        layout: BatchLayout | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The training pass; see the module docstring for the returned keys."""
+        """The training pass; see the module docstring for the returned keys.
+
+        `layout`: the batch's sizes read on the host before it moved to the device (`training.model.batch_layout`).
+        With it the pass never waits for the GPU; without it, it reads them from the tensors.
+        """
+        if not self.trim_text:
+            layout = None  # the released-code path keeps 77 tokens: the layout's sizes are not its own
         # One image-tower call for both image sets: the tower treats samples independently.
         images = self.backbone.encode_image(torch.cat([reference_image, target_image]))
         # `chunk` rather than slicing: its backward concatenates the two gradients instead of zero-filling and
@@ -228,9 +251,10 @@ class ConTextCIR(nn.Module):
         )
         reference = ImageFeatures(reference_tokens, reference_embedding)
         target = ImageFeatures(target_tokens, target_embedding)
-        ids, keys = self._text(caption_ids)
+        ids, keys = self._text(caption_ids, layout.caption_length if layout is not None else None)
         with_maps = np_spans is not None and np_mask is not None and np_mask.shape[1] > 0
-        concepts = self._concepts(np_spans, np_mask, ids.shape[1]) if with_maps else None
+        width = layout.concept_width if layout is not None else None
+        concepts = self._concepts(np_spans, np_mask, ids.shape[1], width) if with_maps else None
         query, maps = self._query(reference.tokens, keys, concepts)
         outputs = {
             "fused/query": query,
@@ -241,7 +265,7 @@ class ConTextCIR(nn.Module):
             outputs["fused/np_maps"] = maps
         if with_maps and np_ids is not None:
             patches = reference.tokens[:, self.backbone.image_prefix_tokens :].detach()
-            outputs["fused/np_maps_isolated"] = self.isolated_concept_maps(patches, np_ids, np_mask)
+            outputs["fused/np_maps_isolated"] = self.isolated_concept_maps(patches, np_ids, np_mask, layout)
         return outputs
 
 

@@ -3,9 +3,9 @@
 Attention runs on fused kernels (`scaled_dot_product_attention`). The Text-CC loss needs attention probabilities
 only for the key columns of noun-phrase tokens, so no block ever materialises the full probability matrix in
 training: the fused kernel also returns each query row's log-sum-exp, and the probabilities of the few NP columns
-are recomputed as exp(q.k * scale - lse). The kernel's lse carries no gradient; the maps' own backward
-(`_MapsFromLse`) adds the exact one (d lse / d s_j = p_j). The eager path (`eager=True`) computes the full
-softmax and stays as the reference for tests and benchmarks.
+are recomputed as exp(q.k * scale - lse) (`training.model.concept_maps`). The kernel's lse carries no gradient;
+the maps' own backward (`MapsFromLse`) adds the exact one (d lse / d s_j = p_j). The eager path (`eager=True`)
+computes the full softmax and stays as the reference for tests and benchmarks.
 
 PAD keys (id 0 after the last non-zero id, i.e. after EOT) are masked in every path, so a text's own length is all
 that matters: running the text tower on ids cut after the batch's longest text gives the same result, and the
@@ -14,13 +14,14 @@ keys are then padded (masked) to a multiple of 16, the lengths the fused kernels
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.model.concept_maps import MapsFromLse, maps_from_columns
 
 logger = logging.getLogger(__name__)
 KEY_LENGTH_MULTIPLE = 16
@@ -36,12 +37,18 @@ def key_padding_mask(ids: torch.Tensor) -> torch.Tensor:
     return positions <= last
 
 
-def trim_padding(ids: torch.Tensor) -> torch.Tensor:
-    """`ids` cut after the batch's longest text (a host sync on GPU); exact for a causal tower with masked PAD."""
+def text_length(ids: torch.Tensor) -> int:
+    """Tokens up to the batch's longest text (its EOT), at least 1. Read from the values: on a GPU this is a host
+    sync, so the training forward takes it from `training.model.batch_layout.BatchLayout`, read on the host."""
+    return max(1, int(key_padding_mask(ids).sum(dim=1).max().item())) if ids.numel() else 1
+
+
+def trim_padding(ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """`ids` cut after the batch's longest text (`length` when the caller read it already); exact for a causal
+    tower with masked PAD."""
     if ids.device.type == "meta":
         return ids  # no values to read (shape checks on the meta device)
-    longest = int(key_padding_mask(ids).sum(dim=1).max().item()) if ids.numel() else 1
-    return ids[:, : max(1, longest)]
+    return ids[:, : text_length(ids) if length is None else length]
 
 
 @dataclass
@@ -90,9 +97,18 @@ class ConceptColumns:
 
     @classmethod
     def from_spans(
-        cls, np_spans: torch.Tensor, np_mask: torch.Tensor, key_length: int, query_prefix: int = 0
+        cls,
+        np_spans: torch.Tensor,
+        np_mask: torch.Tensor,
+        key_length: int,
+        query_prefix: int = 0,
+        width: int | None = None,
     ) -> ConceptColumns:
-        """Columns of `np_spans` (B, N, 2) `[start, end)` in texts of `key_length` keys; `np_mask` (B, N)."""
+        """Columns of `np_spans` (B, N, 2) `[start, end)` in texts of `key_length` keys; `np_mask` (B, N).
+
+        `width` is the most NP tokens any text has, when the caller read it already on the host; without it, it is
+        read from the values (a host sync on a GPU).
+        """
         batch, count = np_mask.shape
         device = np_spans.device
         starts = np_spans[..., 0].clamp(0, key_length)
@@ -101,9 +117,9 @@ class ConceptColumns:
         positions = torch.arange(key_length, device=device)
         inside = (positions >= starts[..., None]) & (positions < ends[..., None]) & valid[..., None]  # (B,N,T)
         covered = inside.any(dim=1)  # (B,T)
-        if device.type == "meta":
+        if width is None and device.type == "meta":
             width = key_length  # no values to read (shape checks on the meta device)
-        else:
+        elif width is None:
             width = max(1, int(covered.sum(dim=1).max().item())) if batch and count else 1
         # A stable sort puts each text's covered positions first, in increasing order.
         order = torch.sort((~covered).to(torch.int8), dim=1, stable=True).indices[:, :width]
@@ -118,12 +134,12 @@ class ConceptColumns:
         return ConceptColumns(self.columns[rows], self.weights[rows], self.query_prefix)
 
     @classmethod
-    def isolated(cls, np_ids: torch.Tensor, query_prefix: int = 0) -> ConceptColumns:
+    def isolated(cls, np_ids: torch.Tensor, query_prefix: int = 0, width: int | None = None) -> ConceptColumns:
         """Columns of NPs encoded alone, one per row of `np_ids` (M, L): every token between SOT and EOT."""
         eot = key_padding_mask(np_ids).sum(dim=1) - 1  # last real position
         spans = torch.stack([torch.ones_like(eot), eot.clamp(min=1)], dim=1)[:, None, :]
         mask = torch.ones(np_ids.shape[0], 1, dtype=torch.bool, device=np_ids.device)
-        return cls.from_spans(spans, mask, np_ids.shape[1], query_prefix)
+        return cls.from_spans(spans, mask, np_ids.shape[1], query_prefix, width)
 
 
 def split_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
@@ -156,13 +172,6 @@ def attention_eager(
 _warned_lse_fallback = False
 _UNAVAILABLE = ("not supported", "no available kernel", "not implemented", "no kernel image")
 """Words of the errors a kernel raises when the device, dtype or shape has no implementation."""
-
-
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off: the maps feed an absolute-difference loss, so they stay fp32 (meta tensors have no autocast)."""
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _kernel_with_lse(
@@ -214,70 +223,10 @@ def attention_fused_with_lse(
     return output, lse
 
 
-def column_probabilities(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, columns: torch.Tensor, key_valid: torch.Tensor
-) -> torch.Tensor:
-    """(B,H,Q,C) fp32 attention probabilities of the key `columns` (B,C): exp(q.k_c * scale - lse); 0 on PAD."""
-    batch, heads, _, head_dim = key.shape
-    index = columns[:, None, :, None].expand(batch, heads, columns.shape[1], head_dim)
-    with _full_precision(query.device):
-        picked = torch.gather(key, 2, index).float()
-        scores = (query.float() @ picked.transpose(-1, -2)) * head_dim**-0.5
-        scores = scores.masked_fill(~torch.gather(key_valid, 1, columns)[:, None, None, :], float("-inf"))
-        return torch.exp(scores - lse[..., None])
-
-
-def maps_from_columns(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(B, N, Q) fp32 per-NP maps: column probabilities (B, H, Q, C) averaged over the heads and, with `weights`
-    (`ConceptColumns.weights`, (B, N, C)), over each span's tokens."""
-    with _full_precision(probabilities.device):  # autocast would run the einsum's bmm in bf16
-        per_column = probabilities.float().mean(dim=1)  # (B, Q, C) averaged over heads
-        return torch.einsum("bqc,bnc->bnq", per_column, weights.float())
-
-
 def maps_from_probabilities(probabilities: torch.Tensor, concepts: ConceptColumns) -> torch.Tensor:
     """(B, N, Q - prefix) per-NP maps from full eager probabilities (B, H, Q, T): the reference path."""
     index = concepts.columns[:, None, None, :].expand(*probabilities.shape[:3], -1)
     return maps_from_columns(torch.gather(probabilities, 3, index)[:, :, concepts.query_prefix :], concepts.weights)
-
-
-class _MapsFromLse(torch.autograd.Function):
-    """Concept maps from the kernel's row log-sum-exp, with a backward that recomputes instead of storing.
-
-    Forward: P_c = exp(s_c - lse) for the NP columns only, averaged into maps. The lse depends on every key, so
-    the exact gradient also flows through it: with G_c = dL/dP_c, dL/ds_j = [j in C] G_j P_j - (sum_c G_c P_c) p_j
-    over all keys j. The backward recomputes the patch rows' scores over all keys (B, H, P, T: the keys are a
-    caption's tokens, so this is a few MB) and needs three matmuls; the forward keeps only the column
-    probabilities. (An autograd-built alternative ran one more attention forward and backward per block.)
-    """
-
-    @staticmethod
-    def forward(ctx, patch_query, key, patch_lse, key_valid, columns, weights):  # type: ignore[override]
-        probabilities = column_probabilities(patch_query, key, patch_lse, columns, key_valid)
-        maps = maps_from_columns(probabilities, weights)
-        ctx.save_for_backward(patch_query, key, patch_lse, key_valid, columns, weights, probabilities)
-        return maps
-
-    @staticmethod
-    def backward(ctx, grad_maps):  # type: ignore[override]
-        patch_query, key, patch_lse, key_valid, columns, weights, probabilities = ctx.saved_tensors
-        batch, heads, rows, head_dim = patch_query.shape
-        scale = head_dim**-0.5
-        with _full_precision(patch_query.device):
-            query, keys = patch_query.float(), key.float()
-            # dL/dP_c, the same for every head (the maps average the heads).
-            column_grad = torch.einsum("bnq,bnc->bqc", grad_maps.float(), weights.float())[:, None] / heads
-            through_columns = column_grad * probabilities  # G_c P_c  (B, H, P, C)
-            scores = (query @ keys.transpose(-1, -2)) * scale
-            every_key = torch.exp(
-                scores.masked_fill(~key_valid[:, None, None, :], float("-inf")) - patch_lse[..., None]
-            )
-            score_grad = -through_columns.sum(dim=-1, keepdim=True) * every_key  # through the lse
-            index = columns[:, None, None, :].expand(batch, heads, rows, columns.shape[1])
-            score_grad = score_grad.scatter_add(-1, index, through_columns)  # padding columns add 0 (weight 0)
-            grad_query = (score_grad @ keys) * scale
-            grad_key = (score_grad.transpose(-1, -2) @ query) * scale
-        return grad_query.to(patch_query.dtype), grad_key.to(key.dtype), None, None, None, None
 
 
 def maps_from_lse(
@@ -291,7 +240,7 @@ def maps_from_lse(
         patch_lse: (B, H, P) the kernel's log-sum-exp of those rows (it carries no gradient; the maps' backward
             adds the exact one).
     """
-    return _MapsFromLse.apply(patch_query, key, patch_lse.detach(), keys.valid, concepts.columns, concepts.weights)
+    return MapsFromLse.apply(patch_query, key, patch_lse.detach(), keys.valid, concepts.columns, concepts.weights)
 
 
 class CrossAttentionBlock(nn.Module):

@@ -1,11 +1,12 @@
 """What a person watching a run sees (rank 0): TensorBoard scalars and NP attention-map images, a per-step
 `metrics.jsonl`, and a console line every `logging.every` steps.
 
-`<run_dir>/metrics.jsonl` holds one JSON object per step: step, each loss term, lr, grad_norm, skipped, samples
-and a digest of the sample keys rank 0 consumed (every rank's keys are combined into `data_digest` in each
-checkpoint's train state). A restarted attempt first drops the records of the steps after the checkpoint it resumes
-from (an earlier attempt logged them, and it runs them again), then appends a `{"event": "start"}` line (with rank
-0's pid): the file never holds two records of one step.
+`<run_dir>/metrics.jsonl` holds one JSON object per step: step, each loss term, lr, grad_norm, skipped, samples,
+step_time_s, data_wait_s (the part of the step spent waiting for its batches) and a digest of the sample keys
+rank 0 consumed (every rank's keys are combined into `data_digest` in each checkpoint's train state). A restarted
+attempt first drops the records of the steps after the checkpoint it resumes from (an earlier attempt logged them,
+and it runs them again), then appends a `{"event": "start"}` line (with rank 0's pid): the file never holds two
+records of one step.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class Monitor:
             "samples": state.samples_seen,
             "digest": result.digest,
             "step_time_s": step_time,
+            "data_wait_s": data_wait,  # part of step_time_s: a large share means the step is loader-bound
         }
         self._append(record)
         if step % every.every and not result.skipped:

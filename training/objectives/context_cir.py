@@ -47,7 +47,11 @@ class ConTextObjective(nn.Module):
         concepts = {}
         if self.lambda_cc > 0 and "np_spans" in batch:
             concepts = {name: batch[name] for name in ("np_spans", "np_mask", "np_ids")}
-        outputs = self.model(batch["reference_image"], batch["caption_ids"], batch["target_image"], **concepts)
+        # `layout`: the batch's sizes read on the host before the copy (training.model.batch_layout): no host syncs.
+        layout = batch.get("layout")
+        outputs = self.model(
+            batch["reference_image"], batch["caption_ids"], batch["target_image"], **concepts, layout=layout
+        )
         contrastive = self.contrastive(outputs["fused/query"], outputs["img/target"], outputs["img/reference"])
         result = {
             "contrastive_loss": contrastive.pop("loss"),

@@ -25,6 +25,8 @@ import torch
 from tqdm import tqdm
 
 from shards.model_inputs import image_size
+from training.model.batch_layout import BatchLayout
+from training.model.context_cir import build_model
 from training.monitor.mfu import StepShape, peak_bf16_flops, step_flops
 from training.objectives.context_cir import ConTextObjective
 from training.perf.released_cc import released_step_outputs
@@ -64,15 +66,26 @@ def synthetic_batch(
         "np_mask": torch.arange(max_nps).expand(batch_size, max_nps) < nps,
         "np_ids": np_ids,
     }
-    return {name: value.to(device) for name, value in batch.items()}
+    # The sizes the forward reads, taken on the host as the training loop does (no host syncs in the step).
+    layout = BatchLayout.of_batch(batch)
+    return {**{name: value.to(device) for name, value in batch.items()}, "layout": layout.to(device)}
 
 
 def build_objective(config: TrainJob, device: torch.device) -> ConTextObjective:
     """The config's network at its real dimensions with random weights (no hub), fused attention, on `device`."""
-    torch.manual_seed(config.train.seed)
     model_config = dataclasses.replace(
         config.model, pretrained=None, weights_file=None, init_from=None, compile=False, attention="fused"
     )
+    if device.type == "cuda":
+        # Random init on the GPU itself: seconds for ViT-H, where the CPU's initialisers take tens of seconds.
+        torch.manual_seed(config.train.seed)
+        try:
+            with torch.device(device):
+                model = build_model(model_config, device)
+                return ConTextObjective(model_config, config.loss, model=model).to(device)
+        except (RuntimeError, TypeError) as error:  # some initialiser that cannot run on the device
+            logger.warning("building on %s failed (%s); building on the CPU instead", device, error)
+    torch.manual_seed(config.train.seed)
     return ConTextObjective(model_config, config.loss).to(device)
 
 
@@ -137,6 +150,8 @@ def compare_variants(
         "attn_fused_s": fastest["efficient"],
         "attn_eager_s": fastest["eager"],
         "attn_ratio": fastest["efficient"] / fastest["eager"],
+        # The GPU-only figures are there (null) on a CPU too: a dry run's report has a GPU run's layout.
+        **dict.fromkeys(("triplets_per_s", "peak_mem_gb", "step_tflops", "mfu")),
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

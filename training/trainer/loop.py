@@ -19,6 +19,7 @@ from training.checkpoint.checkpointer import Checkpointer
 from training.engine.deepspeed_engine import local_grad_norm
 from training.engine.distributed import all_reduce_sum, chain_digests, rank_and_world
 from training.errors import PermanentError
+from training.model.batch_layout import BatchLayout
 from training.trainer.job import TrainJob
 from training.trainer.state import TrainState
 
@@ -44,7 +45,18 @@ class StepResult:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
+    """The batch on `device`, with its `layout` (the sizes the forward needs) read first from the host tensors.
+
+    The copies are asynchronous: a blocking copy from the reader's pinned memory would make the host wait for the
+    GPU to finish the previous micro-batch's backward.
+    """
+    layout = BatchLayout.of_batch(batch)
+    moved = {
+        name: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for name, value in batch.items()
+    }
+    if layout is not None:
+        moved["layout"] = layout.to(device)
+    return moved
 
 
 def train_step(
