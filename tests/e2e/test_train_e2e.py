@@ -177,6 +177,13 @@ def test_resubmitted_run_continues_exactly(ray_head, workspace, clean_run):
     code, output = submit(ray_head, workspace, "resumed")
     assert code == 0, output[-4000:]
     assert "resuming from" in output and "step 2" in output
+    # The console holds the driver's lines; what each rank printed (DeepSpeed's own warning, written below Python,
+    # included) is in the run directory instead.
+    assert "Setting accelerator to CPU" not in output and "TrainController" not in output, output[-4000:]
+    for rank in (0, 1):
+        worker_log = (run_dir / "logs" / f"worker_{rank}.log").read_text()
+        assert "Setting accelerator to CPU" in worker_log, worker_log[-2000:]
+    assert "resumed from" in (run_dir / "logs" / "worker_0.log").read_text()
     assert starts(run_dir) == [0, 2]
     assert trajectory(run_dir) == trajectory(clean_run)  # same losses, lrs and samples, step for step
     assert data_digest(run_dir) == data_digest(clean_run)  # and every rank read the same samples
