@@ -18,7 +18,8 @@ from tiny_config import TINY, tiny_overrides
 from cluster.root_config import load_config
 from shards.format import shard_name
 from training.checkpoint import layout
-from training.checkpoint.checkpointer import fresh_start_conflict, prune
+from training.checkpoint.checkpointer import fresh_start_conflict
+from training.checkpoint.pruning import prune
 from training.trainer.state import TrainState
 
 

@@ -116,7 +116,7 @@ def test_until_step_stops_at_the_first_checkpoint_past_it(tmp_path) -> None:
 def test_a_slow_watcher_scores_every_checkpoint_the_trainer_would_prune(tmp_path) -> None:
     """keep=1, a checkpoint every step, the watcher slower than the trainer: its lease keeps each one until scored."""
     from training.checkpoint import watch_lease
-    from training.checkpoint.checkpointer import prune
+    from training.checkpoint.pruning import prune
 
     run_dir = tmp_path / "run"
     trainer_step = iter(range(1, 9))
@@ -146,7 +146,7 @@ def test_a_slow_watcher_scores_every_checkpoint_the_trainer_would_prune(tmp_path
 
 def test_prune_honours_only_a_fresh_lease(tmp_path) -> None:
     from training.checkpoint import watch_lease
-    from training.checkpoint.checkpointer import prune
+    from training.checkpoint.pruning import prune
 
     run_dir = tmp_path / "run"
     for step in (5, 10, 15, 20):
@@ -197,7 +197,7 @@ def test_checkpoints_the_watcher_protected_are_pruned_when_it_releases_them(tmp_
     """A keep=1 run saves 8 checkpoints while a watcher that has scored nothing holds its lease, so the trainer keeps
     all 8; as the watcher scores each one it is pruned, and once the run's last one is scored only it is left."""
     from training.checkpoint import watch_lease
-    from training.checkpoint.checkpointer import prune
+    from training.checkpoint.pruning import prune
     from training.config_loader import to_yaml
 
     keep_one = load_config(REPO / "configs" / "tiny.yaml", [f"cluster.storage_path={tmp_path}", "checkpoint.keep=1"])
