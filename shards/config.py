@@ -13,6 +13,7 @@ SOURCE_KINDS = ("cirr", "lasco", "jsonl", "cirr_r", "hotel_cir", "fashioniq")
 CAPTION_MODES = ("each", "joined")
 DEFAULT_CAPTION_JOINER = " and "
 NP_PARSERS = ("stanza", "trees")
+BUILD_ON = ("ray", "processes")
 NP_SELECTIONS = ("bfs", "leaf")
 
 
@@ -96,6 +97,9 @@ class NounPhraseConfig:
     """Where stanza's English models live; None means stanza's default (`$STANZA_RESOURCES_DIR` or ~/stanza_resources)."""
     batch_size: int = 64
     """Captions per stanza call."""
+    chunk_size: int = 1024
+    """Captions per parse job: each job's result is cached as one file the moment it is done, so a killed build
+    loses at most the chunks in flight and a rerun parses only the chunks it lacks."""
     use_gpu: bool = True
     """Let stanza use a GPU when one is present."""
 
@@ -108,6 +112,8 @@ class NounPhraseConfig:
             raise ValueError(f"data.noun_phrases.selection={self.selection!r} must be one of {NP_SELECTIONS}")
         if self.np_length < 3:
             raise ValueError("data.noun_phrases.np_length must be >= 3 (start, one token, end)")
+        if self.chunk_size < 1:
+            raise ValueError(f"data.noun_phrases.chunk_size must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -134,7 +140,12 @@ class DataConfig:
     jpeg_quality: int = 90
     """JPEG quality of the re-encoded images."""
     build_workers: int = 0
-    """Processes for building shards; 0 means one per core."""
+    """Parallel workers of `launch/build_shards.py` (each parses caption chunks and writes shards): 0 builds in
+    the launching process (tests, small sets); -1 one per CPU (of the Ray cluster, or of this machine with
+    `build_on: processes`). The bytes built do not depend on it."""
+    build_on: str = "ray"
+    """Where the workers run: `ray` (parser actors and shard-writing tasks on Ray Data, on the job's cluster under
+    `ray job submit`, else a private local Ray on 127.0.0.1) or `processes` (a process pool on this machine)."""
     seed: int = 0
     """Seed of the mixture sampling, the shard assignment and the streaming shuffles."""
     noun_phrases: NounPhraseConfig = field(default_factory=NounPhraseConfig)
@@ -144,6 +155,12 @@ class DataConfig:
     """Samples in the seeded shuffle buffer of each loader worker."""
 
     def __post_init__(self) -> None:
+        if self.build_workers < -1:
+            raise ValueError(
+                f"data.build_workers must be -1 (one per CPU), 0 (in process) or more, got {self.build_workers}"
+            )
+        if self.build_on not in BUILD_ON:
+            raise ValueError(f"data.build_on={self.build_on!r} must be one of {BUILD_ON}")
         if self.samples_per_shard < 1:
             raise ValueError("data.samples_per_shard must be >= 1")
         if self.image_short_side < 8:

@@ -1,8 +1,11 @@
 """Building a shard set: sources -> mixture -> noun phrases -> seeded shard plan -> tar shards in parallel -> index.
 
-The plan (which triplet goes into which shard, in which order) depends only on the config and the raw data, so
-the same seed gives the same bytes. Shards are written by `shards.builder.writer` in parallel processes; a re-run
-reuses every shard whose sidecar matches its plan and whose bytes still hash right, and rebuilds the rest.
+The driver reads the sources and plans; an executor (`shards.builder.executors`: this process, a process pool, or
+Ray Data across a cluster) parses the caption chunks and writes the shards. The plan (which triplet goes into which
+shard, in which order) depends only on the config and the raw data, so the same seed gives the same bytes whoever
+wrote them. Parsed chunks are cached as they come back (`shards.builder.parse_cache`); a re-run parses only the
+chunks it lacks, reuses every shard whose sidecar matches its plan and whose bytes still hash right, and rebuilds
+the rest.
 """
 
 from __future__ import annotations
@@ -11,31 +14,25 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
+import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.builder.noun_phrases import Extraction, NounPhrase, extract_noun_phrases, stanza_model_dir
+from shards.builder.executors import BuildExecutor, LocalExecutor
+from shards.builder.noun_phrases import Extraction
+from shards.builder.parse_cache import ParseJob, plan_parse, save_chunk
 from shards.builder.publish import default_staging_dir, publish
 from shards.builder.sources import SourceError, Triplet, mixture, read_source
 from shards.builder.tokens import TRUNCATED
-from shards.builder.writer import (
-    SampleSpec,
-    ShardResult,
-    ShardTask,
-    complete_result,
-    write_json_atomically,
-    write_shard,
-)
-from shards.config import DataConfig, NounPhraseConfig, SourceConfig
-from shards.format import INDEX_NAME, SCHEMA_VERSION, ShardEntry, ShardIndex, file_sha256, sanitize_key, shard_name
+from shards.builder.writer import SampleSpec, ShardResult, ShardTask, complete_result
+from shards.config import DataConfig
+from shards.format import INDEX_NAME, SCHEMA_VERSION, ShardEntry, ShardIndex, shard_name
 from shards.model_inputs import CONTEXT_LENGTH, tokenizer_name
 from shards.storage import ShardStore
 
@@ -55,6 +52,13 @@ class BuildReport:
     rebuilt: int
     """Shards written by this run (the others were complete already)."""
     sources: dict[str, dict]
+    parsed: int = 0
+    """Captions parsed by this run (the others came from the noun-phrase cache)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each phase on the driver: `read` (sources and mixture), `parse`, `plan`, `write`, `index`,
+    `upload`; `first_shard` is the time from the start until the first shard was written."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Worker seconds per stage, summed over workers: `parse`, `images`, `tokenize`, `tar`, `hash`."""
 
     @property
     def skipped(self) -> int:
@@ -75,50 +79,48 @@ def _fingerprint(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode("utf-8")).hexdigest()
 
 
-def _cached_noun_phrases(
-    source: SourceConfig, config: NounPhraseConfig, captions: list[str], shards_dir: Path
-) -> Extraction:
-    """Noun phrases of a source's captions, reusing the previous run's results (a stanza parse is slow)."""
-    cache_path = shards_dir / f"noun_phrases-{sanitize_key(source.name)}.json"
-    settings = {"parser": config.parser, "max_nps": config.max_nps, "selection": config.selection}
-    if config.parser == "trees" and source.trees and Path(source.trees).is_file():
-        settings["trees_sha256"] = file_sha256(source.trees)
-    elif config.parser == "stanza":
-        settings["stanza_dir"] = str(stanza_model_dir(config))
-    cached = Extraction({}, {})
-    if cache_path.is_file():
-        try:
-            payload = json.loads(cache_path.read_text())
-            # A cache from before `selection` existed was made breadth-first.
-            if {"selection": "bfs", **payload.get("settings", {})} == settings:
-                cached.skipped = dict(payload["skipped"])
-                cached.noun_phrases = {c: [NounPhrase(*p) for p in ps] for c, ps in payload["noun_phrases"].items()}
-        except (ValueError, KeyError, TypeError):
-            logger.warning("ignoring unreadable noun-phrase cache %s", cache_path)
-    unique = list(dict.fromkeys(captions))
-    missing = [c for c in unique if c not in cached.noun_phrases and c not in cached.skipped]
-    if missing or not cache_path.is_file():
-        fresh = extract_noun_phrases(missing, config, source.trees)
-        cached.noun_phrases.update(fresh.noun_phrases)
-        cached.skipped.update(fresh.skipped)
-        kept = set(unique)
-        write_json_atomically(
-            cache_path,
-            {
-                "settings": settings,
-                "noun_phrases": {
-                    c: [[p.text, p.start, p.end] for p in ps] for c, ps in cached.noun_phrases.items() if c in kept
-                },
-                "skipped": {c: reason for c, reason in cached.skipped.items() if c in kept},
-            },
-        )
-    return cached
+def _noun_phrases(
+    data: DataConfig,
+    triplets: dict[str, list[Triplet]],
+    shards_dir: Path,
+    executor: BuildExecutor,
+    progress: bool,
+    timings: dict[str, float],
+) -> tuple[dict[str, Extraction], int]:
+    """Noun phrases of every source's captions: cached chunks loaded, the others parsed by `executor`, each saved
+    the moment it comes back. Returns them with the number of captions parsed by this run."""
+    extractions: dict[str, Extraction] = {}
+    jobs: list[ParseJob] = []
+    for source in data.sources:
+        captions = (triplet.caption for triplet in triplets[source.name])
+        extractions[source.name], source_jobs = plan_parse(source, data.noun_phrases, captions, shards_dir)
+        jobs.extend(source_jobs)
+    parsed = sum(len(job.captions) for job in jobs)
+    if jobs:
+        logger.info("parsing %d captions in %d chunks", parsed, len(jobs))
+    with tqdm(total=parsed, unit="caption", desc="parsing captions", disable=not (progress and jobs)) as bar:
+        for job, extraction, seconds in executor.parse(jobs):
+            save_chunk(job, extraction)
+            extractions[job.source].noun_phrases.update(extraction.noun_phrases)
+            extractions[job.source].skipped.update(extraction.skipped)
+            timings["parse"] = timings.get("parse", 0.0) + seconds
+            bar.update(len(job.captions))
+    return extractions, parsed
 
 
-def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[ShardTask], dict[str, dict]]:
+def _plan(
+    data: DataConfig,
+    backbone: str,
+    shards_dir: Path,
+    executor: BuildExecutor,
+    progress: bool,
+    phases: dict[str, float],
+    timings: dict[str, float],
+) -> tuple[list[ShardTask], dict[str, dict], int]:
     """Read the sources, sample the mixture, find noun phrases and split the samples into shard tasks."""
     if not data.sources:
         raise SourceError("data.sources is empty: nothing to build")
+    started = time.perf_counter()
     triplets = {source.name: read_source(source) for source in data.sources}
     items = mixture(data.sources, triplets, data.seed)
     stats: dict[str, dict] = {
@@ -131,12 +133,11 @@ def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[Shard
         }
         for source in data.sources
     }
-    extractions = {
-        source.name: _cached_noun_phrases(
-            source, data.noun_phrases, [t.caption for t in triplets[source.name]], shards_dir
-        )
-        for source in data.sources
-    }
+    phases["read"] = time.perf_counter() - started
+    started = time.perf_counter()
+    extractions, parsed = _noun_phrases(data, triplets, shards_dir, executor, progress, timings)
+    phases["parse"] = time.perf_counter() - started
+    started = time.perf_counter()
     specs: list[SampleSpec] = []
     for item in items:
         triplet: Triplet = item.triplet
@@ -187,7 +188,8 @@ def _plan(data: DataConfig, backbone: str, shards_dir: Path) -> tuple[list[Shard
         )
         task.fingerprint = _fingerprint({"settings": settings, "samples": [_hashed(spec) for spec in chunk]})
         tasks.append(task)
-    return tasks, stats
+    phases["plan"] = time.perf_counter() - started
+    return tasks, stats, parsed
 
 
 def _hashed(spec: SampleSpec) -> dict:
@@ -207,24 +209,6 @@ def _first_boxes(pairs) -> dict[str, list[float]]:
     return boxes
 
 
-def _run(tasks: Sequence[ShardTask], workers: int, total: int, done: int, progress: bool) -> list[ShardResult]:
-    results = []
-    with tqdm(total=total, initial=done, unit="triplet", desc="building shards", disable=not progress) as bar:
-        if workers <= 1 or len(tasks) <= 1:
-            for task in tasks:
-                results.append(write_shard(task))
-                bar.update(len(task.samples))
-            return results
-        # fork: workers inherit the loaded tokenizer and modules instead of re-importing torch per process.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        sizes = {Path(task.path).name: len(task.samples) for task in tasks}
-        with multiprocessing.get_context(method).Pool(min(workers, len(tasks))) as pool:
-            for result in pool.imap_unordered(write_shard, tasks):
-                results.append(result)
-                bar.update(sizes[result.name])
-    return results
-
-
 def _remove_stale(shards_dir: Path, count: int) -> None:
     """Remove shard files of an earlier, larger plan and temporaries of an interrupted run."""
     for path in shards_dir.iterdir():
@@ -234,30 +218,45 @@ def _remove_stale(shards_dir: Path, count: int) -> None:
             path.unlink()
 
 
-def build_shards(data: DataConfig, backbone: str, progress: bool = True) -> BuildReport:
+def default_executor(data: DataConfig) -> BuildExecutor:
+    """In this process (`build_workers` 0) or a process pool; a Ray build passes its own executor."""
+    workers = data.build_workers if data.build_workers >= 0 else (os.cpu_count() or 1)
+    return LocalExecutor(workers)
+
+
+def build_shards(
+    data: DataConfig, backbone: str, progress: bool = True, executor: BuildExecutor | None = None
+) -> BuildReport:
     """Build (or finish building) the shard set of `data` for `backbone`'s tokenizer, then write `index.json`.
 
     Args:
         data: the config's `data` section (sources, shard settings, noun-phrase settings, seed).
         backbone: `model.backbone`; its open_clip tokenizer makes the ids and is recorded in the index.
-        progress: show a tqdm bar.
+        progress: show tqdm bars.
+        executor: who parses and writes; `default_executor(data)` when None. The bytes do not depend on it.
 
     Raises:
         SourceError: an annotation file is missing or malformed.
         NounPhraseError: the noun-phrase parser cannot run (stanza models or tree sidecar missing).
         ShardStorageError: a URL `data.shards_dir` refused the upload or stayed unreachable.
     """
+    executor = executor if executor is not None else default_executor(data)
     store = ShardStore(data.shards_dir, dict(data.storage_options), retries=data.read_retries)
     if store.remote:
         staging = Path(data.staging_dir).expanduser() if data.staging_dir else default_staging_dir(data.shards_dir)
         logger.info("building %s in %s, then uploading", data.shards_dir, staging)
-        report = build_shards(dataclasses.replace(data, shards_dir=str(staging)), backbone, progress)
+        report = build_shards(dataclasses.replace(data, shards_dir=str(staging)), backbone, progress, executor)
+        started = time.perf_counter()
         uploaded, kept = publish(staging, store, progress)
+        report.phases["upload"] = time.perf_counter() - started
         logger.info("uploaded %d shards, %d were there already", uploaded, kept)
         return dataclasses.replace(report, index_path=store.where(INDEX_NAME))
+    began = time.perf_counter()
     shards_dir = Path(data.shards_dir)
     shards_dir.mkdir(parents=True, exist_ok=True)
-    tasks, stats = _plan(data, backbone, shards_dir)
+    phases: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    tasks, stats, parsed = _plan(data, backbone, shards_dir, executor, progress, phases, timings)
     _remove_stale(shards_dir, len(tasks))
     results: dict[int, ShardResult] = {}
     pending = []
@@ -269,12 +268,21 @@ def build_shards(data: DataConfig, backbone: str, progress: bool = True) -> Buil
             results[task.number] = result
     if results:
         logger.info("%d of %d shards are complete already", len(results), len(tasks))
-    workers = data.build_workers or os.cpu_count() or 1
     total = sum(len(task.samples) for task in tasks)
     done = total - sum(len(task.samples) for task in pending)
     numbers = {Path(task.path).name: task.number for task in tasks}
-    for result in _run(pending, workers, total, done, progress):
-        results[numbers[result.name]] = result
+    sizes = {Path(task.path).name: len(task.samples) for task in tasks}
+    started = time.perf_counter()
+    with tqdm(total=total, initial=done, unit="triplet", desc="building shards", disable=not progress) as bar:
+        for result in executor.write(pending):
+            if "first_shard" not in phases:
+                phases["first_shard"] = time.perf_counter() - began
+            results[numbers[result.name]] = result
+            for stage, seconds in result.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            bar.update(sizes[result.name])
+    phases["write"] = time.perf_counter() - started
+    started = time.perf_counter()
     ordered = [results[number] for number in sorted(results)]
     for source_stats in stats.values():
         source_stats.update(samples=0, noun_phrases=0, truncated_nps=0, dropped_nps=Counter())
@@ -309,4 +317,6 @@ def build_shards(data: DataConfig, backbone: str, progress: bool = True) -> Buil
     written = sum(result.count for result in ordered)
     if written != sum(s["samples"] for s in stats.values()):
         raise RuntimeError(f"shard counts ({written}) disagree with the source statistics; rebuild {shards_dir}")
-    return BuildReport(index.save(shards_dir), written, len(index.shards), len(pending), stats)
+    index_path = index.save(shards_dir)
+    phases["index"] = time.perf_counter() - started
+    return BuildReport(index_path, written, len(index.shards), len(pending), stats, parsed, phases, timings)

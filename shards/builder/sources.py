@@ -25,7 +25,7 @@ from shards.config import SourceConfig
 from shards.format import sanitize_key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MixtureItem:
     """One sample of the aggregated mixture: a triplet, possibly one of several copies of it."""
 

@@ -14,7 +14,7 @@ class SourceError(ValueError):
     """An annotation file that is missing or cannot be read as its source kind; the message names the file."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Triplet:
     """(reference image, modification caption, target image) of one raw dataset."""
 

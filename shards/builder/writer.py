@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -37,7 +38,7 @@ def write_json_atomically(path: Path, payload: object) -> None:
     os.replace(temporary, path)
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleSpec:
     """Everything a build worker needs to write one sample (picklable, and hashed into the shard fingerprint)."""
 
@@ -69,6 +70,14 @@ class ShardTask:
     jpeg_quality: int
     fingerprint: str = ""
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardTask:
+        fields = json.loads(text)
+        return cls(**{**fields, "samples": [SampleSpec(**sample) for sample in fields["samples"]]})
+
 
 @dataclass
 class ShardResult:
@@ -86,6 +95,15 @@ class ShardResult:
     offsets: list[int] | None = None
     """Byte offset of each written sample's first tar header: a reader seeks there to start mid-shard. None in
     sidecars written before offsets were recorded."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds this write spent per stage (`tokenize`, `images`, `tar`, `hash`); not stored in the sidecar, whose
+    bytes depend on the plan only."""
+
+    def sidecar(self) -> dict:
+        """The sidecar's content: everything but the timings."""
+        fields = asdict(self)
+        del fields["timings"]
+        return fields
 
 
 def encode_image(path: str, short_side: int, quality: int) -> bytes:
@@ -109,6 +127,7 @@ def _caption_tokenizer(backbone: str, np_length: int) -> CaptionTokenizer:
 
 
 def _image_or_reason(path: str, task: ShardTask, images: dict[str, bytes | str]) -> bytes | str:
+    """Re-encoded bytes of an image (each image once per shard), or the reason it cannot be used."""
     if path not in images:
         try:
             images[path] = encode_image(path, task.image_short_side, task.jpeg_quality)
@@ -139,17 +158,23 @@ def write_shard(task: ShardTask) -> ShardResult:
     kept: Counter = Counter()
     count = 0
     offsets: list[int] = []
+    timings = dict.fromkeys(("tokenize", "images", "tar", "hash"), 0.0)
     with open(temporary, "wb") as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for spec in task.samples:
+                started = time.perf_counter()
                 reference = _image_or_reason(spec.reference_path, task, images)
                 target = _image_or_reason(spec.target_path, task, images)
+                timings["images"] += time.perf_counter() - started
                 reason = next((image for image in (reference, target) if isinstance(image, str)), None)
                 if reason is not None:
                     skipped.setdefault(spec.source, Counter())[reason] += 1
                     continue
+                started = time.perf_counter()
                 phrases = [NounPhrase(text, start, end) for text, start, end in spec.noun_phrases]
                 tokens = tok.tokenize(spec.caption, phrases)
+                timings["tokenize"] += time.perf_counter() - started
+                started = time.perf_counter()
                 dropped.setdefault(spec.source, Counter()).update(tokens.dropped)
                 kept[spec.source] += len(tokens.noun_phrases)
                 metadata = {
@@ -177,20 +202,27 @@ def write_shard(task: ShardTask) -> ShardResult:
                 for name, data in members.items():
                     tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
                 count += 1
+                timings["tar"] += time.perf_counter() - started
+        started = time.perf_counter()
         handle.flush()
         os.fsync(handle.fileno())
+        timings["tar"] += time.perf_counter() - started
     os.replace(temporary, path)
+    started = time.perf_counter()
+    digest = file_sha256(path)
+    timings["hash"] = time.perf_counter() - started
     result = ShardResult(
         name=path.name,
         fingerprint=task.fingerprint,
         count=count,
-        sha256=file_sha256(path),
+        sha256=digest,
         skipped={source: dict(reasons) for source, reasons in skipped.items()},
         dropped_nps={source: dict(reasons) for source, reasons in dropped.items() if reasons},
         kept_nps=dict(kept),
         offsets=offsets,
+        timings=timings,
     )
-    write_json_atomically(path.with_name(path.name + SIDECAR_SUFFIX), asdict(result))
+    write_json_atomically(path.with_name(path.name + SIDECAR_SUFFIX), result.sidecar())
     return result
 
 
@@ -201,7 +233,9 @@ def complete_result(task: ShardTask) -> ShardResult | None:
     if not path.is_file() or not sidecar.is_file():
         return None
     try:
-        result = ShardResult(**json.loads(sidecar.read_text()))
+        fields = json.loads(sidecar.read_text())
+        fields.pop("timings", None)
+        result = ShardResult(**fields)
     except (ValueError, TypeError):
         return None
     if result.fingerprint != task.fingerprint or result.sha256 != file_sha256(path):

@@ -44,6 +44,7 @@ data:
   samples_per_shard: 4
   image_short_side: 12
   build_workers: {workers}
+  build_on: processes
   seed: {seed}
   noun_phrases:
     parser: trees

@@ -147,5 +147,8 @@ def test_changing_the_selection_rebuilds_the_shards(tmp_path):
     assert all(leaf[key] == breadth_first[key][1:] for key in leaf)  # the two inner NPs, left to right
     index = json.loads((shards / "index.json").read_text())
     assert index["noun_phrases"]["selection"] == "leaf"
-    cache = json.loads((shards / "noun_phrases-cirr.json").read_text())
-    assert cache["settings"]["selection"] == "leaf"
+    # The cache of the old selection is gone; the new one's chunks hold the inner NPs only.
+    (folder,) = (shards / "noun_phrases").iterdir()
+    chunks = [json.loads(path.read_text()) for path in folder.glob("chunk-*.json")]
+    cached = [phrase[0] for chunk in chunks for phrases in chunk["noun_phrases"].values() for phrase in phrases]
+    assert cached and not any(" with " in text for text in cached)
