@@ -5,6 +5,7 @@
     python launch/bench.py eval   --config configs/tiny.yaml   # eval query encoding with vs without grounding
     python launch/bench.py gpu    [--out runs/bench_gpu.json]  # every GPU figure in one run (--dry-run on a CPU)
     python launch/bench.py index  [--vectors 100000]           # flat vs IVF vs HNSW: build, query time, recall
+    python launch/bench.py build  [--triplets 200000]          # shard build: in process, Ray 1 vs 2 workers, 2 nodes
 
 Every ratio is measured side by side in one run; absolute figures only mean something on a GPU.
 """
@@ -28,11 +29,12 @@ BENCHMARKS = {
     "eval": "training.perf.eval_queries",
     "gpu": "cluster.bench.gpu_bench",
     "index": "training.perf.index_search",
+    "build": "cluster.bench.build_bench",
 }
 """Benchmark name -> module with `add_arguments(parser)` and `run(config, args) -> dict`."""
-OWN_CONFIGS = {"gpu": "tiny", "index": "tiny"}
+OWN_CONFIGS = {"gpu": "tiny", "index": "tiny", "build": "tiny"}
 """Benchmarks that read the shipped configs themselves: `--config` is optional for them."""
-SAYS_PROGRESS = {"gpu"}
+SAYS_PROGRESS = {"gpu", "build"}
 """Benchmarks that print a line per part as they go (to stderr; stdout keeps the one JSON line)."""
 
 

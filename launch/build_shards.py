@@ -24,9 +24,35 @@ from cluster.cli import CONFIG_ERROR_EXIT, ConfigError, parse_config_args  # noq
 DATA_ERROR_EXIT = 1
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--report", help="also write the build's figures (phases, stage seconds, driver peak RSS) to this JSON file"
+    )
+
+
+def _write_report(path: str, report, started: float) -> None:
+    import dataclasses
+    import json
+    import resource
+    import time
+
+    figures = dataclasses.asdict(report) | {
+        "index_path": str(report.index_path),
+        "wall_s": time.perf_counter() - started,
+        # Linux reports kilobytes: the driver's own peak, not its workers'.
+        "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    Path(path).write_text(json.dumps(figures, indent=1, sort_keys=True))
+
+
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    started = time.perf_counter()
     try:
-        _, config = parse_config_args(argv, "Build WebDataset shards and index.json from the configured sources.")
+        args, config = parse_config_args(
+            argv, "Build WebDataset shards and index.json from the configured sources.", add_arguments
+        )
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
@@ -61,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return DATA_ERROR_EXIT
     print(f"wrote {report.index_path} ({report.rebuilt} shards written by this run, {report.parsed} captions parsed)")
     print(report.summary())
+    if args.report:
+        _write_report(args.report, report, started)
     return 0
 
 
