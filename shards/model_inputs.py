@@ -1,5 +1,9 @@
 """What the data pipeline needs to know about an open_clip backbone: tokenizer, image size, normalisation.
 
+Loaders hand images over as uint8 pixels (`uint8_transform`): a quarter of the bytes of float32 in DataLoader shared
+memory and in the host-to-device copy. The model normalises them on its device (`normalise_images`), with the same
+float32 operations as open_clip's `ToTensor` and `Normalize`, so the result is the eval transform's, bit for bit.
+
 Also registers the project's tiny CPU model (`ContextTiny`) with open_clip, so that every package can name it
 like any other open_clip model.
 """
@@ -12,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import torch
+from torchvision import transforms
 
 CONTEXT_LENGTH = 77
 """CLIP's text context; every backbone this project trains uses it."""
@@ -56,6 +62,50 @@ def eval_transform(backbone: str):
     """open_clip's inference transform for the backbone (resize, centre crop, to tensor, normalise)."""
     mean, std = normalisation(backbone)
     return open_clip.image_transform(image_size(backbone), is_train=False, mean=mean, std=std)
+
+
+def uint8_transform(backbone: str) -> transforms.Compose:
+    """The eval transform up to its pixels: the same resize and centre crop, then (3, S, S) uint8, not normalised.
+
+    Built from `eval_transform` itself, with its to-tensor step swapped for `PILToTensor` and its `Normalize`
+    dropped, so the crop cannot drift from open_clip's. `normalise_images` finishes the job on the device.
+    """
+    steps, swapped, dropped = [], 0, 0
+    for step in eval_transform(backbone).transforms:
+        if isinstance(step, transforms.Normalize):
+            dropped += 1
+        elif isinstance(step, transforms.ToTensor):  # open_clip's MaybeToTensor is one
+            steps.append(transforms.PILToTensor())
+            swapped += 1
+        else:
+            steps.append(step)
+    if (swapped, dropped) != (1, 1):
+        raise RuntimeError(f"open_clip's eval transform changed shape; cannot derive the uint8 one from {steps}")
+    return transforms.Compose(steps)
+
+
+def normalise_images(
+    images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """float32 model inputs from uint8 pixels (..., 3, H, W), on the pixels' device: `/ 255`, `- mean`, `/ std`.
+
+    These are `ToTensor`'s and `Normalize`'s float32 operations in their order, so the result equals
+    `eval_transform(backbone)(image)` exactly for the pixels of `uint8_transform(backbone)(image)`.
+
+    Args:
+        images: uint8 pixels.
+        mean, std: per-channel statistics (`normalisation(backbone)`), or float32 tensors of 3 already on the
+            images' device (the model keeps them as buffers: no host-to-device copy per call).
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalise_images takes uint8 pixels, got {images.dtype}")
+    device = images.device
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    # A division by a device tensor, not by the number 255: CUDA turns a division by a host scalar into a
+    # multiplication by its reciprocal, which can differ from ToTensor's `/ 255` in the last bit.
+    scale = torch.full((), 255.0, dtype=torch.float32, device=device)
+    return images.to(torch.float32).div_(scale).sub_(mean).div_(std)
 
 
 @lru_cache(maxsize=8)

@@ -34,6 +34,9 @@ TRAIN_PREFETCH = 4
 """Batches each training loader worker keeps ready (`shards.stream.reader`: `prefetch_factor=4`)."""
 EVAL_PREFETCH = 2
 """torch's default `prefetch_factor`, which the eval loader keeps."""
+PIXEL_BYTES = 1
+"""Bytes per pixel channel in the loaders' batches: uint8 (`shards.model_inputs.uint8_transform`), normalised by the
+model on the GPU."""
 SHM_MARGIN = 1.25
 """Headroom over the estimate: pinned copies, the index, a batch being collated."""
 RAY_PROBE_TIMEOUT_S = 30.0
@@ -63,8 +66,8 @@ class LoaderNeeds:
         )
 
 
-def image_batch_bytes(batch: int, images_per_sample: int, size: int, bytes_per_value: int = 4) -> int:
-    """Bytes of one batch of decoded images (float32 by default: the reader's and the eval loader's dtype)."""
+def image_batch_bytes(batch: int, images_per_sample: int, size: int, bytes_per_value: int = PIXEL_BYTES) -> int:
+    """Bytes of one batch of decoded images (uint8 by default: the reader's and the eval loader's dtype)."""
     return batch * images_per_sample * 3 * size * size * bytes_per_value
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from shards.format import FIELDS, ShardFormatError, decode_tokens, member_offsets, split_member_name
-from shards.model_inputs import box_in_crop, eval_transform
+from shards.model_inputs import box_in_crop, uint8_transform
 from shards.storage import ShardStore
 from shards.stream.plan import Piece
 
@@ -156,7 +156,9 @@ def _finish_group(
 
 @cache
 def _transform(backbone: str):
-    return eval_transform(backbone)
+    # uint8 pixels: a quarter of float32's bytes in the loaders' shared memory and in the copy to the GPU. The
+    # model normalises them on its device (`ClipBackbone.encode_image`).
+    return uint8_transform(backbone)
 
 
 def _rgb(data: bytes, field: str) -> Image.Image:
@@ -235,7 +237,7 @@ def decode_stage(
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """The batch dict of the reader contract from decoded samples."""
+    """The batch dict of the reader contract from decoded samples; the images stay uint8 pixels (B, 3, S, S)."""
     return {
         "reference_image": torch.stack([s["reference_image"] for s in samples]),
         "target_image": torch.stack([s["target_image"] for s in samples]),

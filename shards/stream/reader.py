@@ -91,9 +91,10 @@ def verified_index(shards: str | Path | ShardStore, backbone: str) -> ShardIndex
 class ShardStream:
     """Batches of one rank over a shard set, epoch after epoch without end, resumable mid-epoch exactly.
 
-    Batches follow the reader contract: `reference_image`, `target_image` (float32 B,3,H,W after the backbone's
-    open_clip eval transform), `caption_ids` (int64 B,77), `np_spans` (int64 B,N,2), `np_mask` (bool B,N),
-    `np_ids` (int64 B,N,L), `keys`, `captions`, `noun_phrases`.
+    Batches follow the reader contract: `reference_image`, `target_image` (uint8 B,3,H,W: the backbone's open_clip
+    eval transform before `ToTensor` and `Normalize`, which the model applies on its device), `caption_ids` (int64
+    B,77), `np_spans` (int64 B,N,2), `np_mask` (bool B,N), `np_ids` (int64 B,N,L), `np_boxes` (float32 B,N,4),
+    `keys`, `captions`, `noun_phrases`.
     """
 
     def __init__(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from poisoned_batches import with_nan_pixels
 from tiny_config import TINY, tiny_overrides
 
 from cluster.root_config import load_config
@@ -67,14 +68,13 @@ def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bo
 class _PoisonedReader:
     """Wraps the real reader and puts a NaN pixel into every batch on one rank (the fault under test)."""
 
-    def __init__(self, reader, rank: int, poisoned_rank: int) -> None:
-        self.reader, self.rank, self.poisoned_rank = reader, rank, poisoned_rank
+    def __init__(self, reader, rank: int, poisoned_rank: int, backbone: str) -> None:
+        self.reader, self.rank, self.poisoned_rank, self.backbone = reader, rank, poisoned_rank, backbone
 
     def __iter__(self):
         for batch in self.reader:
             if self.rank == self.poisoned_rank:
-                batch["reference_image"] = batch["reference_image"].clone()
-                batch["reference_image"][0, 0, 0, 0] = float("nan")
+                batch = with_nan_pixels(batch, self.backbone, (0, 0, 0, 0))
             yield batch
 
     def state_dict(self):
@@ -101,8 +101,7 @@ def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     def step(poison: bool):
         micro = [next(batches) for _ in range(config.accumulation_steps)]
         if poison and rank == 1:  # the first micro-batch: its NaN gradients sit in the accumulation window
-            micro[0]["reference_image"] = micro[0]["reference_image"].clone()
-            micro[0]["reference_image"][0] = float("nan")
+            micro[0] = with_nan_pixels(micro[0], config.model.backbone)
         return train_step(engine, micro, cpu)
 
     first = step(False)
@@ -116,7 +115,7 @@ def _nan_skip_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     counters = [engine.global_steps, engine.micro_steps, engine.skipped_steps]
 
     monitor = build_monitor(config, rank, 0, objective.model, cpu)
-    poisoned_reader, state = _PoisonedReader(reader, rank, 0), TrainState()
+    poisoned_reader, state = _PoisonedReader(reader, rank, 0, config.model.backbone), TrainState()
     checkpointer = build_checkpointer(config, engine, objective.model, poisoned_reader, state)
     context = LoopContext(engine, poisoned_reader, monitor, checkpointer, config, cpu, state)
     try:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from dist_harness import run_ranks
 from figures import FIGURES
+from poisoned_batches import with_nan_pixels
 
 from cluster.root_config import load_config
 from training.checkpoint import layout
@@ -108,8 +109,7 @@ def _stage_ranks(rank: int, world: int, overrides: list[str]) -> dict:
     before = _snapshot(engine)
     poisoned = next(batches)
     if rank == 1:
-        poisoned["reference_image"] = poisoned["reference_image"].clone()
-        poisoned["reference_image"][0] = float("nan")
+        poisoned = with_nan_pixels(poisoned, config.model.backbone)
     skipped = train_step(engine, [poisoned], cpu)
     untouched = _same(before, _snapshot(engine))
     state.step, state.samples_seen, state.skipped_steps = 2, 8, 1

@@ -74,8 +74,9 @@ def _images(world) -> list[str]:
 
 
 def test_bundle_embeddings_equal_the_eval_jobs(world) -> None:
-    """Gallery and query embeddings of a loaded bundle are the eval job's for the same checkpoint (CPU)."""
-    from shards.model_inputs import eval_transform, tokenizer
+    """Gallery and query embeddings of a loaded bundle are the eval job's for the same checkpoint (CPU): the eval
+    job's uint8 pixels, normalised in the model, give the bundle's embeddings of images normalised on the host."""
+    from shards.model_inputs import tokenizer, uint8_transform
     from training.evaluation.benchmarks.synthetic import read_synthetic
     from training.evaluation.encode import encode_gallery, encode_queries
     from training.evaluation.methods import METHODS
@@ -87,7 +88,7 @@ def test_bundle_embeddings_equal_the_eval_jobs(world) -> None:
     methods = {"model": METHODS.get("context")}
     split = read_synthetic(world["synthetic"], "val")
     paths = [split.image_paths[name] for name in split.gallery]
-    transform, tokenize = eval_transform(saved.backbone), tokenizer(saved.backbone)
+    transform, tokenize = uint8_transform(saved.backbone), tokenizer(saved.backbone)  # as the eval job decodes
     gallery = next(iter(encode_gallery(model, methods, paths, transform, device, batch_size=5, workers=0).values()))
     find_spans = phrase_span_finder(saved.backbone)
     queries = encode_queries(model, methods, split, transform, tokenize, device, 3, 0, find_spans).embeddings

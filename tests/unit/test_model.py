@@ -381,9 +381,11 @@ def _refuse_value_reads(monkeypatch) -> None:
     monkeypatch.setattr(torch, "nonzero", refuse("torch.nonzero"))
 
 
-def test_the_training_step_reads_no_tensor_value_when_the_host_gave_the_layout(monkeypatch):
+@pytest.mark.parametrize("pixels", [False, True], ids=["normalised", "uint8"])
+def test_the_training_step_reads_no_tensor_value_when_the_host_gave_the_layout(monkeypatch, pixels):
     """The training loop reads the batch's sizes on the host before the copy (`BatchLayout`); the forward and
-    backward then never wait for the device, and give the same losses, bit for bit, as without the layout."""
+    backward then never wait for the device, and give the same losses, bit for bit, as without the layout. The
+    reader's uint8 pixels, normalised in the forward, add no wait either."""
     from training.model.batch_layout import BatchLayout
     from training.objectives.config import LossConfig
     from training.objectives.context_cir import ConTextObjective
@@ -392,6 +394,9 @@ def test_the_training_step_reads_no_tensor_value_when_the_host_gave_the_layout(m
     torch.manual_seed(0)
     objective = ConTextObjective(TINY, LossConfig())
     batch = make_batch([10, 75, 30], [3, 10, 0])  # long and short captions, a caption without phrases
+    if pixels:
+        for name in ("reference_image", "target_image"):
+            batch[name] = torch.randint(0, 256, batch[name].shape, dtype=torch.uint8)
     expected = objective(batch)
     moved = to_device(batch, torch.device("cpu"))  # as the loop hands batches to the engine
     assert isinstance(moved["layout"], BatchLayout) and moved["layout"].np_count == 13

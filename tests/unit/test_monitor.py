@@ -88,6 +88,18 @@ def test_attention_grid_draws_each_phrase_map_over_its_image():
     assert grid.shape == (2 * (TILE + 18) + 4, 3 * cell + 4, 3)
 
 
+def test_attention_tiles_show_the_same_picture_for_pixels_and_normalised_images():
+    """The reader hands the monitor uint8 pixels; a caller with normalised images gets the same tiles."""
+    from shards.model_inputs import normalisation, normalise_images
+    from training.monitor.attention_images import denormalise
+
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    from_pixels = denormalise(pixels, "ContextTiny").astype(int)
+    from_floats = denormalise(normalise_images(pixels, *normalisation("ContextTiny")), "ContextTiny").astype(int)
+    assert np.abs(from_pixels - from_floats).max() <= 1  # float rounding at most
+    assert from_pixels.std() > 30  # the noise survives: not a blank or saturated tile
+
+
 def _counted_flops(objective, batch) -> float:
     """FLOPs torch's counter sees in one forward + backward, CPU flash attention included."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count

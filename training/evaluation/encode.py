@@ -48,7 +48,8 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class ImageFiles(Dataset):
-    """Images by path, through the backbone's eval transform; also returns each image's original (width, height)."""
+    """Images by path, through `transform` (the eval job's: the backbone's `uint8_transform`, whose pixels the model
+    normalises on the device; a float `eval_transform` also works); also returns each image's (width, height)."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.paths = list(paths)
@@ -106,7 +107,7 @@ def encode_gallery(
         model: the loaded network the methods read, in eval mode on `device`.
         methods: the methods to be scored (result name -> method).
         paths: image files, in gallery order.
-        transform: the backbone's eval transform.
+        transform: the backbone's `uint8_transform` (or its float `eval_transform`: the model takes either).
         names: the gallery names of `paths` (methods that look up per-image texts read them).
 
     Returns:
@@ -156,6 +157,7 @@ def encode_queries(
         model: a ConTextCIR in eval mode on `device`.
         methods: result name -> method.
         benchmark: the split whose queries to encode.
+        transform: as `encode_gallery`'s.
         tokenize: the backbone's tokenizer (list of texts -> (B, 77) int64).
         find_spans: token spans of grounded phrases; required when `benchmark.protocol.grounding`.
     """

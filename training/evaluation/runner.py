@@ -177,7 +177,8 @@ class Evaluator:
         model, saved = load_checkpoint_model(checkpoint_dir, self.device)
         settings = EncodeSettings(
             methods=self.methods,
-            transform=model_inputs.eval_transform(saved.backbone),
+            # uint8 pixels, normalised by the model on the device: a quarter of the loader's shared memory.
+            transform=model_inputs.uint8_transform(saved.backbone),
             tokenize=model_inputs.tokenizer(saved.backbone),
             device=self.device,
             batch_size=self.config.eval.batch_size,

@@ -10,6 +10,9 @@ normalised) and, when NP spans are given, the in-context NP maps `fused/np_maps`
 NPs' own ids too, the isolated maps `fused/np_maps_isolated` (without). The isolated pass is the efficient one: it
 reuses the reference image's patch tokens (detached), encodes every NP of the batch in one text-tower call at the
 NPs' own short length, and stops at the last block's attention weights.
+
+Images come in as the loaders hand them over, uint8 pixels (normalised on the device by `ClipBackbone`), or as
+images already normalised on the host (float).
 """
 
 from __future__ import annotations
@@ -241,7 +244,14 @@ class ConTextCIR(nn.Module):
         """
         if not self.trim_text:
             layout = None  # the released-code path keeps 77 tokens: the layout's sizes are not its own
-        # One image-tower call for both image sets: the tower treats samples independently.
+        if reference_image.dtype != target_image.dtype:
+            # `cat` would promote uint8 pixels to float and the tower would take them for normalised images.
+            raise TypeError(
+                f"reference_image ({reference_image.dtype}) and target_image ({target_image.dtype}) must both be "
+                "uint8 pixels or both normalised floats"
+            )
+        # One image-tower call for both image sets: the tower treats samples independently. uint8 pixels are
+        # concatenated and normalised once, on the device (`ClipBackbone.image_inputs`).
         images = self.backbone.encode_image(torch.cat([reference_image, target_image]))
         # `chunk` rather than slicing: its backward concatenates the two gradients instead of zero-filling and
         # adding two full-size buffers.

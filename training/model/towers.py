@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,7 +27,7 @@ import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
-from shards.model_inputs import model_config, register_project_models
+from shards.model_inputs import model_config, normalisation, normalise_images, register_project_models
 from training.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -236,8 +237,20 @@ class ClipBackbone(nn.Module):
     lr_group = "tower"
     """The optimizer's parameter group of every parameter in here (`optim.tower_lr_mult` scales its lr)."""
 
-    def __init__(self, clip_model: nn.Module, tokens_after_ln_post: bool = False) -> None:
-        """Wrap `clip_model`; `tokens_after_ln_post` is `model.image_tokens_after_ln_post`."""
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokens_after_ln_post: bool = False,
+        image_normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> None:
+        """Wrap `clip_model`.
+
+        Args:
+            clip_model: an open_clip CLIP model with a ViT image tower.
+            tokens_after_ln_post: `model.image_tokens_after_ln_post`.
+            image_normalisation: (mean, std) that uint8 pixels are normalised with, the loaders' own
+                (`shards.model_inputs.normalisation(backbone)`); by default the statistics open_clip gave the tower.
+        """
         super().__init__()
         if not isinstance(getattr(clip_model, "visual", None), VisionTransformer):
             raise ValueError(
@@ -251,6 +264,17 @@ class ClipBackbone(nn.Module):
             raise ValueError("ConText-CIR needs a CLIP-style causal text transformer (no HF text tower, no CLS token)")
         self.clip = clip_model
         self.tokens_after_ln_post = tokens_after_ln_post
+        if image_normalisation is None:
+            visual = clip_model.visual
+            image_normalisation = (
+                getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN,
+                getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD,
+            )
+        mean, std = (torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1) for values in image_normalisation)
+        # Buffers, so they move with the module and normalising costs no host-to-device copy; not persistent, so
+        # checkpoints and weights files hold exactly what they held before.
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
         for name, parameter in clip_model.named_parameters():
             if name.split(".")[-1] in UNUSED_PARAMETERS:
                 parameter.requires_grad_(False)
@@ -303,10 +327,23 @@ class ClipBackbone(nn.Module):
         """Activation checkpointing of every residual block in both towers."""
         self.clip.set_grad_checkpointing(enable)
 
+    def image_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's input (B,3,H,W) in its weights' dtype, on the images' device.
+
+        uint8 `images` are pixels (the loaders' `uint8_transform`): they are normalised here, in float32 as
+        open_clip's eval transform does, then cast. Any float dtype means images already normalised on the host
+        (`eval_transform`: serving, image files), which pass unchanged but for the cast.
+        """
+        dtype = self.clip.visual.conv1.weight.dtype
+        if images.dtype == torch.uint8:
+            return normalise_images(images, self.pixel_mean.float(), self.pixel_std.float()).to(dtype)
+        return images.to(dtype)
+
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        """Tokens and projected embedding of `images` (B,3,H,W) from one pass of the image tower."""
+        """Tokens and projected embedding of `images` (B,3,H,W, uint8 pixels or normalised floats: `image_inputs`)
+        from one pass of the image tower."""
         visual = self.clip.visual
-        hidden = visual._embeds(images.to(visual.conv1.weight.dtype))
+        hidden = visual._embeds(self.image_inputs(images))
         hidden = visual.transformer(hidden)
         pooled, patches = visual._pool(hidden)  # open_clip's own pooling: ln_post, then CLS (or mean) and patches
         embedding = pooled @ visual.proj if visual.proj is not None else pooled
@@ -350,6 +387,6 @@ def build_backbone(config: ModelConfig, device: str | torch.device = "cpu") -> C
     clip_model = create_open_clip(
         config.backbone, config.pretrained, config.weights_file, config.cache_dir, device, config.quick_gelu
     )
-    backbone = ClipBackbone(clip_model, config.image_tokens_after_ln_post)
+    backbone = ClipBackbone(clip_model, config.image_tokens_after_ln_post, normalisation(config.backbone))
     backbone.freeze(config.freeze)
     return backbone

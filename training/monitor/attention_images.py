@@ -27,11 +27,14 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
 
 
 def denormalise(images: torch.Tensor, backbone: str) -> np.ndarray:
-    """(B,3,H,W) model inputs back to (B,TILE,TILE,3) uint8 RGB."""
-    mean, std = normalisation(backbone)
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
-    pixels = (images * std_t + mean_t).clamp(0, 1)
+    """(B,3,H,W) model inputs back to (B,TILE,TILE,3) uint8 RGB: the loaders' uint8 pixels, or normalised floats."""
+    if images.dtype == torch.uint8:
+        pixels = images.float() / 255
+    else:
+        mean, std = normalisation(backbone)
+        mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+        std_t = torch.tensor(std).view(1, 3, 1, 1)
+        pixels = (images.float() * std_t + mean_t).clamp(0, 1)
     pixels = F.interpolate(pixels, size=(TILE, TILE), mode="bilinear", align_corners=False)
     return (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
@@ -53,7 +56,7 @@ def attention_grid(
     """The grid image.
 
     Args:
-        images: (B,3,H,W) normalised reference images.
+        images: (B,3,H,W) reference images, uint8 pixels or normalised floats.
         maps: (B,N,gh,gw) attention of each NP over the patch grid.
         np_mask: (B,N) True for real NPs.
         phrases: NP texts per sample, aligned with the mask.

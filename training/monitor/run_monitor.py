@@ -238,7 +238,7 @@ class Monitor:
         if self.rank != 0:
             return
         grid = attention_grid(
-            tensors["reference_image"].float().cpu(),
+            tensors["reference_image"].cpu(),  # uint8 pixels from the reader; `attention_grid` reads either kind
             maps.float().cpu(),
             tensors["np_mask"].cpu(),
             batch["noun_phrases"][:count],

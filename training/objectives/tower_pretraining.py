@@ -37,7 +37,7 @@ from training.objectives.pretrain_config import PretrainConfig
 def dense_image_features(backbone: ClipBackbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """((B, gh*gw, D) patch tokens after `ln_post` and the projection, (B, D) CLIP image embedding); not normalised."""
     visual = backbone.clip.visual
-    hidden = visual.transformer(visual._embeds(images.to(visual.conv1.weight.dtype)))
+    hidden = visual.transformer(visual._embeds(backbone.image_inputs(images)))  # uint8 pixels normalised there
     pooled, patches = visual._pool(hidden)  # open_clip's own pooling applies ln_post to both
     if visual.proj is None:
         return patches, pooled

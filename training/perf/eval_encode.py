@@ -2,10 +2,11 @@
 
 Timing `encode_gallery` on a small gallery measures mostly its DataLoader: each call starts fresh decoding workers,
 and a few batches of ~5 ms decodes per image hide the GPU. Here the two are separate figures:
-- decoding: the eval transform in `workers` persistent DataLoader workers, timed over a second pass of the gallery
-  (the first, with the workers' start-up, is reported beside it);
+- decoding: the eval job's uint8 transform in `workers` persistent DataLoader workers, timed over a second pass of
+  the gallery (the first, with the workers' start-up, is reported beside it);
 - encoding: at least `batches` batches of already-decoded images, as `encode_gallery` runs each one: the copy to
-  the device, the image tower and gallery embedding under bf16 autocast, normalisation, the copy back to the host.
+  the device (uint8 pixels), their normalisation on the device, the image tower and gallery embedding under bf16
+  autocast, the embeddings' normalisation, the copy back to the host.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from shards.model_inputs import eval_transform
+from shards.model_inputs import uint8_transform
 from training.checkpoint import layout
 from training.config_loader import load_section
 from training.evaluation.benchmarks import BENCHMARKS
@@ -66,7 +67,7 @@ def measure_eval_encode(
     record("gallery_images", len(paths))
 
     loader = DataLoader(
-        ImageFiles(paths, eval_transform(model_config.backbone)),
+        ImageFiles(paths, uint8_transform(model_config.backbone)),  # as the eval job decodes
         batch_size=batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,  # the second pass reuses the started workers

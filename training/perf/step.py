@@ -39,7 +39,8 @@ SOT, EOT = 49406, 49407
 def synthetic_batch(
     batch_size: int, nps: int, max_nps: int, np_length: int, size: int, device: torch.device, seed: int = 0
 ) -> dict[str, Any]:
-    """A reader-shaped batch: random images, captions of 3*nps+4 (at least 24) BPE tokens, `nps` spans of 1-3."""
+    """A reader-shaped batch: random uint8 images (as the reader hands them over, normalised in the model on the
+    device), captions of 3*nps+4 (at least 24) BPE tokens, `nps` spans of 1-3."""
     generator = torch.Generator().manual_seed(seed)
     length = max(24, 3 * nps + 4)
     nps = min(nps, max_nps)
@@ -59,8 +60,8 @@ def synthetic_batch(
             np_ids[sample, slot, 1 : 1 + end - start] = caption_ids[sample, start:end]
             np_ids[sample, slot, 1 + end - start] = EOT
     batch = {
-        "reference_image": torch.randn(batch_size, 3, size, size, generator=generator),
-        "target_image": torch.randn(batch_size, 3, size, size, generator=generator),
+        "reference_image": torch.randint(0, 256, (batch_size, 3, size, size), generator=generator, dtype=torch.uint8),
+        "target_image": torch.randint(0, 256, (batch_size, 3, size, size), generator=generator, dtype=torch.uint8),
         "caption_ids": caption_ids,
         "np_spans": spans,
         "np_mask": torch.arange(max_nps).expand(batch_size, max_nps) < nps,
