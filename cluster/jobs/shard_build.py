@@ -1,10 +1,11 @@
-"""The shard build on Ray Data: caption chunks parsed on parser actors, shards written by Ray tasks.
+"""The shard build on Ray: caption chunks parsed by Ray Data parser actors, shards written by Ray tasks.
 
 `shards.builder.shard_set.build_shards` plans on the driver and takes this executor for the parallel work. Each
 parse row is one chunk of captions, mapped by an actor that loads its parser once (the tree sidecar, or stanza's
-pipeline, on a GPU when the actor has one); each write row is one shard, written by `write_shard` in a Ray task,
-straight into the build directory. Both run exactly the functions the local executor runs, so the bytes are the
-same. Rows are JSON strings: no pickled objects travel through the object store.
+pipeline, on a GPU when the actor has one). Each shard is one Ray task running `write_shard` straight into the
+build directory, with `workers` tasks in flight, so the driver never holds more than those plans as JSON. Both run
+exactly the functions the local executor runs, so the bytes are the same. Jobs and results travel as JSON strings,
+never as pickled objects.
 
 Every worker must see the build directory (`data.shards_dir`, or `data.staging_dir` for a URL): on a cluster of
 more than one node that is a shared filesystem.
@@ -43,11 +44,10 @@ class _ParserActor:
         return {"index": row["index"], "result": extraction_to_json(extraction), "seconds": seconds, _ERROR: ""}
 
 
-def _write_row(row: dict) -> dict:
+def _write_task(task: str) -> str:
     from shards.builder.writer import write_shard
 
-    result = write_shard(ShardTask.from_json(row["task"]))
-    return {"index": row["index"], "result": json.dumps(asdict(result))}
+    return json.dumps(asdict(write_shard(ShardTask.from_json(task))))
 
 
 def _quiet_ray_data() -> None:
@@ -96,16 +96,25 @@ class RayBuildExecutor:
             yield jobs[row["index"]], extraction_from_json(row["result"]), float(row["seconds"])
 
     def write(self, tasks: Sequence[ShardTask]) -> Iterator[ShardResult]:
-        if not tasks:
-            return
+        """One Ray task per shard, `workers` in flight: the driver holds the plans of those only, as JSON."""
         import ray
 
-        rows = [{"index": index, "task": task.to_json()} for index, task in enumerate(tasks)]
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            _write_row, num_cpus=1, concurrency=min(self.workers, len(rows))
-        )
-        for row in dataset.iter_rows():
-            yield ShardResult(**json.loads(row["result"]))
+        # Idempotent (temporary name, then rename), so a task lost with its node is simply run again.
+        write = ray.remote(num_cpus=1, max_retries=3)(_write_task)
+        waiting = iter(tasks)
+        in_flight: list = []
+
+        def submit() -> None:
+            task = next(waiting, None)
+            if task is not None:
+                in_flight.append(write.remote(task.to_json()))
+
+        for _ in range(self.workers):
+            submit()
+        while in_flight:
+            done, in_flight[:] = ray.wait(in_flight, num_returns=1)
+            submit()
+            yield ShardResult(**json.loads(ray.get(done[0])))
 
 
 def cluster_has_gpus() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +32,6 @@ from shards.builder.noun_phrases import (
     read_tree_sidecar,
     stanza_model_dir,
 )
-from shards.builder.writer import write_json_atomically
 from shards.config import NounPhraseConfig, SourceConfig
 from shards.format import file_sha256, sanitize_key
 
@@ -158,9 +158,15 @@ def load_chunk(path: Path, captions: Sequence[str]) -> Extraction | None:
     return extraction
 
 
-def save_chunk(job: ParseJob, extraction: Extraction) -> None:
-    """Write a parsed chunk (temporary name, then rename): a killed build never leaves half a chunk."""
-    write_json_atomically(Path(job.path), json.loads(extraction_to_json(extraction)))
+def save_chunk(job: ParseJob, extraction: Extraction | str) -> None:
+    """Write a parsed chunk (temporary name, then rename): a killed build never leaves half a chunk.
+
+    `extraction` may be its JSON already (`extraction_to_json`), as it arrives from a Ray actor."""
+    text = extraction if isinstance(extraction, str) else extraction_to_json(extraction)
+    path = Path(job.path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 @lru_cache(maxsize=4)

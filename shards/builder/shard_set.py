@@ -19,7 +19,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -139,6 +139,7 @@ def _plan(
     phases["parse"] = time.perf_counter() - started
     started = time.perf_counter()
     specs: list[SampleSpec] = []
+    shared_phrases: dict[str, list[tuple[str, int, int]]] = {}
     for item in items:
         triplet: Triplet = item.triplet
         source_stats = stats[triplet.source]
@@ -150,7 +151,10 @@ def _plan(
         if triplet.caption in extraction.skipped:
             source_stats["skip_reasons"][extraction.skipped[triplet.caption]] += 1
             continue
-        phrases = [(p.text, p.start, p.end) for p in extraction.noun_phrases[triplet.caption]]
+        phrases = shared_phrases.get(triplet.caption)
+        if phrases is None:  # one list per caption, shared by its samples: a 1M-triplet plan stays small
+            phrases = [(p.text, p.start, p.end) for p in extraction.noun_phrases[triplet.caption]]
+            shared_phrases[triplet.caption] = phrases
         specs.append(
             SampleSpec(
                 key=item.key,
@@ -166,6 +170,7 @@ def _plan(
                 phrase_boxes=_first_boxes(triplet.phrase_boxes),
             )
         )
+    del items, triplets, extractions, shared_phrases  # the specs hold what is still needed
     random.Random(data.seed).shuffle(specs)
     settings = {
         "schema_version": SCHEMA_VERSION,
@@ -192,10 +197,15 @@ def _plan(
     return tasks, stats, parsed
 
 
+_SPEC_FIELDS = tuple(spec_field.name for spec_field in dataclasses.fields(SampleSpec))
+_NO_BOXES: dict[str, list[float]] = {}
+"""Shared by every sample without boxes (never mutated)."""
+
+
 def _hashed(spec: SampleSpec) -> dict:
     """What of a sample the shard fingerprint covers: every field, `phrase_boxes` only when there are any (shards
     built before sources could carry boxes keep their fingerprints)."""
-    fields = asdict(spec)
+    fields = {name: getattr(spec, name) for name in _SPEC_FIELDS}  # dataclasses.asdict's deep copy is 10x slower
     if not fields["phrase_boxes"]:
         del fields["phrase_boxes"]
     return fields
@@ -203,6 +213,8 @@ def _hashed(spec: SampleSpec) -> dict:
 
 def _first_boxes(pairs) -> dict[str, list[float]]:
     """NP text -> box; the first box of a text wins, as the first occurrence of an NP is the one kept."""
+    if not pairs:
+        return _NO_BOXES
     boxes: dict[str, list[float]] = {}
     for text, box in pairs:
         boxes.setdefault(text, list(box))

@@ -24,7 +24,7 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -224,17 +224,22 @@ class Node:
 
     children: dict[str, Node] | None = None
     any_key: bool = False
+    item: Node | None = None
+    """A list's element schema: numeric parts (`data.sources.0.path`) step into it."""
 
 
 @functools.cache
 def config_schema() -> Node:
     """The root config's tree, from the schema itself; `eval.datasets` holds each registered benchmark's settings."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     from cluster.root_config import RootConfig
     from training.evaluation.benchmarks import BENCHMARKS
 
     def node_of(config) -> Node:
+        if isinstance(config, ListConfig):
+            element = config._metadata.element_type
+            return Node(item=node_of(OmegaConf.structured(element)) if is_dataclass(element) else Node())
         if not isinstance(config, DictConfig):
             return Node()
         if config._metadata.object_type in (dict, None):
@@ -253,9 +258,11 @@ def key_exists(node: Node, parts: list[str]) -> bool:
         return True
     if node.any_key:
         return True
+    head, rest = parts[0], parts[1:]
+    if node.item is not None:
+        return head.isdigit() and key_exists(node.item, rest)
     if node.children is None:
         return False
-    head, rest = parts[0], parts[1:]
     if re.fullmatch(r"<[\w-]+>|\*", head):
         return any(key_exists(child, rest) for child in node.children.values())
     if "*" in head:
@@ -432,13 +439,14 @@ def test_an_unknown_flag_is_reported_per_script_and_benchmark() -> None:
     assert problems_in(text) == [
         "fake.md:2: `launch/train.py` has no flag `--no-such-flag`",
         "fake.md:4: `launch/bench.py gpu` has no flag `--seconds`",  # the loader benchmark's flag, not gpu's
-        "fake.md:5: `launch/bench.py nope`: no such subcommand (eval, gpu, index, loader, step)",
+        "fake.md:5: `launch/bench.py nope`: no such subcommand (build, eval, gpu, index, loader, step)",
     ]
 
 
 def test_an_unknown_config_key_is_reported_and_file_names_are_not_keys() -> None:
     text = (
-        "Set `optim.nope=1`, `eval.datasets.cirr.nope` and `methods.<name>.nope`; `optim.lr=2e-5`,"
+        "Set `optim.nope=1`, `eval.datasets.cirr.nope`, `methods.<name>.nope`, `data.sources.0.nope` and"
+        " `data.sources.x.path`; `optim.lr=2e-5`, `data.sources.0.trees`,"
         " `eval.datasets.<name>.root`, `methods.cvsi.*_weight` and `serve.*` exist; `index.json`,"
         " `model.safetensors`, `launch/train.py`, `cluster.root_config` and `logging.getLogger(__name__)` are no keys."
     )
@@ -446,6 +454,8 @@ def test_an_unknown_config_key_is_reported_and_file_names_are_not_keys() -> None
         "fake.md:1: `optim.nope`: no such config key in RootConfig",
         "fake.md:1: `eval.datasets.cirr.nope`: no such config key in RootConfig",
         "fake.md:1: `methods.<name>.nope`: no such config key in RootConfig",
+        "fake.md:1: `data.sources.0.nope`: no such config key in RootConfig",
+        "fake.md:1: `data.sources.x.path`: no such config key in RootConfig",
     ]
 
 
