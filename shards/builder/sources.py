@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.builder.released_sources import read_cirr_r, read_fashioniq_train, read_hotel_cir
-from shards.builder.triplets import SourceError, Triplet, load_json, phrase_boxes, require, resolve
+from shards.builder.triplets import SourceError, Triplet, iter_json_list, load_json, phrase_boxes, require, resolve
 from shards.config import SourceConfig
 from shards.format import sanitize_key
 
@@ -45,11 +45,18 @@ def read_cirr(source: SourceConfig) -> list[Triplet]:
     root = Path(source.path)
     captions_path = root / "cirr" / "captions" / f"cap.rc2.{source.split}.json"
     images_path = root / "cirr" / "image_splits" / f"split.rc2.{source.split}.json"
-    entries = load_json(captions_path, f"CIRR captions of split {source.split!r}")
+    entries = iter_json_list(captions_path, f"CIRR captions of split {source.split!r}")
     image_paths = load_json(images_path, f"CIRR image split of split {source.split!r}")
-    if not isinstance(entries, list) or not isinstance(image_paths, dict):
-        raise SourceError(f"{captions_path} must hold a list and {images_path} an object of name -> path")
+    if not isinstance(image_paths, dict):
+        raise SourceError(f"{images_path} must hold an object of name -> path")
     triplets = []
+    resolved: dict[str, str | None] = {}  # one path string per image, shared by every triplet that names it
+
+    def image_path(name: str) -> str | None:
+        if name not in resolved:
+            resolved[name] = resolve(root, image_paths[name]) if name in image_paths else None
+        return resolved[name]
+
     for position, entry in enumerate(entries):
         where = f"{captions_path} entry {position}"
         require(entry, ("pairid", "reference", "caption"), where)
@@ -66,8 +73,8 @@ def read_cirr(source: SourceConfig) -> list[Triplet]:
                 caption=str(entry["caption"]),
                 reference_name=reference,
                 target_name=target,
-                reference_path=resolve(root, image_paths[reference]) if reference in image_paths else None,
-                target_path=resolve(root, image_paths[target]) if target in image_paths else None,
+                reference_path=image_path(reference),
+                target_path=image_path(target),
             )
         )
     return triplets
@@ -87,9 +94,7 @@ def read_lasco(source: SourceConfig) -> list[Triplet]:
         SourceError: the file is missing or an entry is malformed.
     """
     path = Path(source.path)
-    entries = load_json(path, "LaSCo annotation file")
-    if not isinstance(entries, list):
-        raise SourceError(f"{path}: expected a list of LaSCo entries")
+    entries = iter_json_list(path, "LaSCo annotation file")
     image_root = Path(source.image_root or ".")
     triplets = []
     for position, entry in enumerate(entries):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,10 +83,80 @@ def load_json_list(path: Path, what: str) -> list:
     Raises:
         SourceError: the file is missing, not valid JSON, or not a list.
     """
-    entries = load_json(path, what)
-    if not isinstance(entries, list):
-        raise SourceError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
-    return entries
+    return list(iter_json_list(path, what))
+
+
+_READ_CHARS = 1 << 20
+_WHITESPACE = " \t\n\r"
+_AFTER_ENTRY = _WHITESPACE + ",]"
+
+
+def iter_json_list(path: Path, what: str, read_chars: int = _READ_CHARS) -> Iterator[Any]:
+    """The entries of a JSON list file one at a time, reading about `read_chars` characters at a time: a 1M-entry
+    annotation file never sits in memory as a million dicts at once.
+
+    Raises:
+        SourceError: the file is missing (`<what> not found: <path>`), not valid JSON, or not a list.
+    """
+    if not path.is_file():  # now, not at the first entry: the caller's order of checks holds
+        raise SourceError(f"{what} not found: {path}")
+    return _json_list_entries(path, read_chars)
+
+
+def _json_list_entries(path: Path, read_chars: int) -> Iterator[Any]:
+    decoder = json.JSONDecoder()
+    try:
+        with path.open(encoding="utf-8") as handle:
+            buffer, position, ended = "", 0, False
+
+            def next_character() -> str:
+                """The next non-whitespace character (reading on as needed); '' at the end of the file."""
+                nonlocal buffer, position, ended
+                while True:
+                    while position < len(buffer) and buffer[position] in _WHITESPACE:
+                        position += 1
+                    if position < len(buffer) or ended:
+                        return buffer[position] if position < len(buffer) else ""
+                    more = handle.read(read_chars)
+                    buffer, position, ended = buffer[position:] + more, 0, not more
+
+            first = next_character()
+            if first != "[":
+                if first in '{"-0123456789tfn' and first:
+                    raise SourceError(f"{path}: expected a JSON list of entries")
+                raise SourceError(f"{path}: not valid JSON (expected '[' at the start)")
+            position += 1
+            if next_character() == "]":
+                position += 1
+            else:
+                while True:
+                    next_character()
+                    while True:
+                        try:
+                            entry, end = decoder.raw_decode(buffer, position)
+                            # A number cut by the buffer's end decodes short ("-1500." as -1500): accept an entry
+                            # only when what follows it is in the buffer and may follow an entry.
+                            if ended or (end < len(buffer) and buffer[end] in _AFTER_ENTRY):
+                                break
+                        except json.JSONDecodeError:
+                            if ended:
+                                raise
+                        more = handle.read(read_chars)
+                        buffer, position, ended = buffer[position:] + more, 0, not more
+                    position = end
+                    yield entry
+                    separator = next_character()
+                    position += 1
+                    if separator == "]":
+                        break
+                    if separator != ",":
+                        raise SourceError(f"{path}: not valid JSON (expected ',' or ']' after an entry)")
+            if next_character():
+                raise SourceError(f"{path}: not valid JSON (data after the list)")
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path}: not valid JSON ({error.msg})") from error
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{path}: not valid JSON ({error})") from error
 
 
 def resolve(root: Path, relative: str) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections import Counter
 
 import pytest
 from raw_dataset_fixtures import write_cirr, write_lasco, write_manifest
 
 from shards.builder.sources import SourceError, mixture, read_cirr, read_jsonl, read_lasco, read_source
+from shards.builder.triplets import iter_json_list
 from shards.config import SourceConfig
 
 
@@ -131,3 +133,30 @@ def test_duplicate_ids_are_an_error(tmp_path):
     source = SourceConfig(name="j", kind="jsonl", path=str(manifest))
     with pytest.raises(SourceError, match="not unique"):
         mixture([source], {"j": read_source(source)}, seed=0)
+
+
+def test_a_json_list_is_read_one_entry_at_a_time_whatever_the_read_size(tmp_path):
+    """Entries split across reads at every position (a number cut as "-1500." included) come back whole."""
+    rng = random.Random(0)
+    path = tmp_path / "entries.json"
+    for _ in range(50):
+        entries = [
+            rng.choice([-1.5e3, 123456, 1e-7, "a],{", {"k": [1, {"x": "]"}]}, None, True, [], "é€"])
+            for _ in range(rng.randint(0, 30))
+        ]
+        path.write_text(json.dumps(entries, indent=rng.choice([None, 2]), ensure_ascii=rng.random() < 0.5))
+        for read_chars in (1, 2, 5, 1 << 20):
+            assert list(iter_json_list(path, "entries", read_chars)) == entries
+    for text, message in (
+        ('{"a": 1}', "expected a JSON list"),
+        ("[1, 2", "not valid JSON"),
+        ("[1 2]", "not valid JSON"),
+        ("[1,]", "not valid JSON"),
+        ("[1] x", "not valid JSON"),
+    ):
+        path.write_text(text)
+        for read_chars in (1, 1 << 20):
+            with pytest.raises(SourceError, match=message):
+                list(iter_json_list(path, "entries", read_chars))
+    with pytest.raises(SourceError, match="entries not found"):
+        iter_json_list(tmp_path / "missing.json", "entries")  # at the call, before any entry is asked for
