@@ -9,7 +9,7 @@ caption and writes every shard), with `--report` for its figures. Ray workers ru
 (Ray sets `OMP_NUM_THREADS=1` for a one-CPU task). The two-node cluster is the reliability tests' one: two
 `ray start` nodes of one CPU each on 127.0.0.1 (tests/support/ray_nodes.py), with token auth.
 
-CPU seconds are the machine's (user + system over all cores, psutil) while the build ran: on a quiet machine that
+CPU seconds are the machine's (user, nice, system and interrupts over all cores, psutil) while the build ran: on a quiet machine that
 is the build's own cost, Ray's daemons included.
 """
 
@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _machine_cpu_s() -> float:
+    # `nice` too: Ray starts its workers niced, and their time is counted there, not under `user`.
     times = psutil.cpu_times()
-    return times.user + times.system
+    return times.user + times.nice + times.system + times.irq + times.softirq
 
 
 def synthetic_set(root: Path, triplets: int, say: Callable[[str], None]) -> Path:
