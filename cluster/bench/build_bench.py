@@ -9,8 +9,8 @@ caption and writes every shard), with `--report` for its figures. Ray workers ru
 (Ray sets `OMP_NUM_THREADS=1` for a one-CPU task). The two-node cluster is the reliability tests' one: two
 `ray start` nodes of one CPU each on 127.0.0.1 (tests/support/ray_nodes.py), with token auth.
 
-CPU seconds are the machine's (user, nice, system and interrupts over all cores, psutil) while the build ran: on a quiet machine that
-is the build's own cost, Ray's daemons included.
+CPU seconds are the machine's (user, nice, system and interrupts over all cores, psutil) while the build ran: on a
+quiet machine that is the build's own cost, Ray's daemons included.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Building a shard set: sources -> mixture -> noun phrases -> seeded shard plan -> tar shards in parallel -> index.
 
 The driver reads the sources and plans; an executor (`shards.builder.executors`: this process, a process pool, or
-Ray Data across a cluster) parses the caption chunks and writes the shards. The plan (which triplet goes into which
-shard, in which order) depends only on the config and the raw data, so the same seed gives the same bytes whoever
-wrote them. Parsed chunks are cached as they come back (`shards.builder.parse_cache`); a re-run parses only the
-chunks it lacks, reuses every shard whose sidecar matches its plan and whose bytes still hash right, and rebuilds
-the rest.
+Ray across a cluster, with Ray Data parser actors and one Ray task per shard) parses the caption chunks and writes
+the shards. The plan (which triplet goes into which shard, in which order) depends only on the config and the raw
+data, so the same seed gives the same bytes whoever wrote them. Parsed chunks are cached as they come back
+(`shards.builder.parse_cache`); a re-run parses only the chunks it lacks, reuses every shard whose sidecar matches
+its plan and whose bytes still hash right, and rebuilds the rest.
 """
 
 from __future__ import annotations
