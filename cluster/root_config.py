@@ -64,6 +64,11 @@ class RootConfig:
         self.train.geometry(self.cluster.num_workers)  # the global batch must split evenly
         if self.train.objective == "towers" and self.model.freeze == "both":
             raise ValueError("train.objective=towers trains only the towers, but model.freeze=both freezes them both")
+        if self.loss.needs_starting_towers and not (self.model.weights_file or self.model.pretrained):
+            raise ValueError(
+                "loss.cc_target=towers and loss.lambda_grounding read the phrase maps of the towers the run starts "
+                "from: set model.weights_file or model.pretrained (random towers ground nothing)"
+            )
 
     @property
     def world_size(self) -> int:

@@ -2,11 +2,16 @@
 
     python launch/ablate_cc.py --config configs/tiny.yaml --towers runs/towers/ContextTiny.safetensors
     python launch/ablate_cc.py --config configs/tiny.yaml --inits pretrained --lambdas 0,0.08 --seeds 0 --steps 200
+    python launch/ablate_cc.py --config configs/tiny.yaml --towers runs/towers/ContextTiny.safetensors \
+        --inits pretrained --variants lambda0,paper,towers-spatial
 
-Each cell trains `<config>` with `loss.lambda_cc`, `train.seed` and (pretrained) `model.weights_file` set, as the run
-`ablation-<init>-lambda<l>-seed<s>` on one local Ray, then scores its final checkpoint with the eval job. Cells
-already in `<storage>/ablation/results.jsonl` are skipped, so a rerun resumes. It ends by printing the markdown
-table (mean +- std over seeds) that docs/results.md quotes, and writes it to `<storage>/ablation/table.md`.
+Each cell trains `<config>` with `loss.lambda_cc` (or, with `--variants`, the named variant's `loss` overrides:
+`cluster.bench.ablation.VARIANTS`), `train.seed` and (pretrained) `model.weights_file` set, as the run
+`ablation-<init>-lambda<l>-seed<s>` (`ablation-<init>-<variant>-seed<s>`) on one local Ray, then scores its final
+checkpoint with the eval job. Cells already in `<storage>/ablation/results.jsonl` are skipped, so a rerun resumes;
+`--rescore` scores every recorded cell's final checkpoint again (after the eval gained a measure) and rewrites its
+line. It ends by printing the markdown tables (mean +- std over seeds, and paired differences against lambda 0) that
+docs/results.md quotes, and writes them to `<storage>/ablation/table.md`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--towers", help="open_clip weights of the pretrained towers (launch/pretrain_towers.py)")
     parser.add_argument("--inits", default="random,pretrained", help="comma list of random, pretrained")
     parser.add_argument("--lambdas", default="0,0.08,0.3", help="comma list of loss.lambda_cc values")
+    parser.add_argument(
+        "--variants",
+        help="comma list of named concept-consistency variants (cluster.bench.ablation.VARIANTS) instead of --lambdas",
+    )
+    parser.add_argument(
+        "--rescore", action="store_true", help="score the recorded cells' final checkpoints again, then print"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of every cell")
 
@@ -31,18 +43,17 @@ def add_arguments(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args, base = parse_config_args(argv, "Sweep loss.lambda_cc x seeds x tower init.", add_arguments)
-        from cluster.bench.ablation import cells
+        from cluster.bench.ablation import cells, variant_cells
 
-        sweep = list(
-            cells(
-                [name.strip() for name in args.inits.split(",")],
-                [float(value) for value in args.lambdas.split(",")],
-                [int(value) for value in args.seeds.split(",")],
-            )
-        )
+        inits = [name.strip() for name in args.inits.split(",")]
+        seeds = [int(value) for value in args.seeds.split(",")]
+        if args.variants:
+            sweep = list(variant_cells(inits, [name.strip() for name in args.variants.split(",")], seeds))
+        else:
+            sweep = list(cells(inits, [float(value) for value in args.lambdas.split(",")], seeds))
         if any(cell.init == "pretrained" for cell in sweep) and not (args.towers and Path(args.towers).is_file()):
             raise ConfigError(f"--towers {args.towers!r} is not a file (run launch/pretrain_towers.py first)")
-        from cluster.bench.ablation import RESULTS, append_result, model_metrics, read_results, table
+        from cluster.bench.ablation import RESULTS, append_result, model_metrics, read_results, replace_result, table
         from cluster.root_config import load_config
 
         results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
@@ -54,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 "another cluster.storage_path"
             )
         pending = [cell for cell in sweep if cell.run_name not in done]
+        if args.rescore:
+            pending = [cell for cell in sweep if cell.run_name in done]
         # Every cell's config is checked before anything starts.
         configs = [
             load_config(args.config, [*args.overrides, *cell.overrides(args.steps, args.towers)]) for cell in pending
@@ -71,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
         for number, (cell, config) in enumerate(zip(pending, configs), start=1):
             started = time.perf_counter()
-            run_dir = run_training(config)
+            run_dir = config.run_dir if args.rescore else run_training(config)
             result = Evaluator(config, ["synthetic"]).evaluate(run_dir / "checkpoints" / "latest")
             metrics = model_metrics(result)
-            append_result(results_path, cell, args.steps, metrics)
+            if args.rescore:
+                replace_result(results_path, cell, metrics)
+            else:
+                append_result(results_path, cell, args.steps, metrics)
             print(
                 f"[{number}/{len(pending)}] {cell.run_name}: R@1 {metrics.get('recall@1', float('nan')):.2f} "
                 f"({time.perf_counter() - started:.0f} s)",

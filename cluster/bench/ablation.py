@@ -16,14 +16,43 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = "results.jsonl"
-MEASURES = {
+RETRIEVAL = {
     "R@1 %": ("recall@1", 100.0, 1),
+    "R@5 %": ("recall@5", 100.0, 1),
     "Rs@1 %": ("recall_subset@1", 100.0, 1),
-    "pointing % (present, in-context)": ("grounding/context/present/pointing", 100.0, 1),
-    "AUC (present, in-context)": ("grounding/context/present/auc", 1.0, 3),
-    "pointing % (present, isolated)": ("grounding/isolated/present/pointing", 100.0, 1),
+    "binding R@1 %": ("binding/recall@1", 100.0, 1),
+    "binding Rs@1 %": ("binding/recall_subset@1", 100.0, 1),
 }
-"""Table column -> (key of the model's metrics in the eval result, display scale, decimals)."""
+"""Retrieval table column -> (key of the model's metrics in the eval result, display scale, decimals)."""
+GROUNDING = {
+    f"{label} pointing % / AUC": (f"grounding/{kind}/present/pointing", f"grounding/{kind}/present/auc")
+    for label, kind in (("in-context", "context"), ("isolated", "isolated"), ("tower", "tower"))
+}
+"""Grounding table column -> (pointing key, AUC key), present-object phrases, for each map kind."""
+PAIRED = {
+    "R@1": ("recall@1", 100.0, 1),
+    "binding Rs@1": ("binding/recall_subset@1", 100.0, 1),
+    "pointing, in-context": ("grounding/context/present/pointing", 100.0, 1),
+    "pointing, tower": ("grounding/tower/present/pointing", 100.0, 1),
+}
+"""Paired-difference table column (against the same seed's lambda-0 run, in points) -> key, scale, decimals."""
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "lambda0": ("loss.lambda_cc=0",),
+    "paper": ("loss.lambda_cc=0.08",),
+    "towers-l1": ("loss.lambda_cc=1", "loss.cc_target=towers", "loss.cc_form=l1"),
+    "towers-spatial": ("loss.lambda_cc=1", "loss.cc_target=towers", "loss.cc_form=spatial"),
+    "towers-spatial-keep": (
+        "loss.lambda_cc=1",
+        "loss.cc_target=towers",
+        "loss.cc_form=spatial",
+        "loss.lambda_grounding=1",
+    ),
+    "lambda0-keep": ("loss.lambda_cc=0", "loss.lambda_grounding=1"),
+}
+"""The concept-consistency variants of `launch/ablate_cc.py --variants`, each a set of `loss` overrides: no CC, the
+paper's loss, the towers target under each form, and grounding preservation with and without the towers target."""
+BASELINE = "lambda0"
 
 
 @dataclass(frozen=True)
@@ -32,14 +61,24 @@ class Cell:
     """`random` or `pretrained` towers."""
     lambda_cc: float
     seed: int
+    variant: str = ""
+    """A name of `VARIANTS` (its overrides set `lambda_cc` too), or empty: the paper's loss at `lambda_cc`."""
+
+    @property
+    def label(self) -> str:
+        """The cell's row in the tables: its variant, or its lambda."""
+        return self.variant or f"lambda {self.lambda_cc:g}"
 
     @property
     def run_name(self) -> str:
+        if self.variant:
+            return f"ablation-{self.init}-{self.variant}-seed{self.seed}"
         return f"ablation-{self.init}-lambda{self.lambda_cc:g}-seed{self.seed}"
 
     def overrides(self, steps: int, towers: str | None) -> list[str]:
+        loss = VARIANTS[self.variant] if self.variant else (f"loss.lambda_cc={self.lambda_cc}",)
         settings = [
-            f"loss.lambda_cc={self.lambda_cc}",
+            *loss,
             f"train.seed={self.seed}",
             f"train.steps={steps}",
             f"optim.restart_every={steps}",  # one cosine cycle: every cell ends at optim.min_lr
@@ -54,10 +93,27 @@ class Cell:
         return settings
 
 
+def variant_cells(inits: Sequence[str], variants: Sequence[str], seeds: Sequence[int]) -> Iterator[Cell]:
+    """The cells of named `VARIANTS` (seeds innermost, like `cells`)."""
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {', '.join(unknown)}: one of {', '.join(VARIANTS)}")
+    for init in inits:
+        _check_init(init)
+        for name in variants:
+            lambda_cc = next(float(item.split("=")[1]) for item in VARIANTS[name] if item.startswith("loss.lambda_cc="))
+            for seed in seeds:
+                yield Cell(init, lambda_cc, int(seed), name)
+
+
+def _check_init(init: str) -> None:
+    if init not in ("random", "pretrained"):
+        raise ValueError(f"unknown init {init!r}: random or pretrained")
+
+
 def cells(inits: Sequence[str], lambdas: Sequence[float], seeds: Sequence[int]) -> Iterator[Cell]:
     for init in inits:
-        if init not in ("random", "pretrained"):
-            raise ValueError(f"unknown init {init!r}: random or pretrained")
+        _check_init(init)
         for value in lambdas:
             for seed in seeds:
                 yield Cell(init, float(value), int(seed))
@@ -74,8 +130,21 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
 def append_result(path: Path, cell: Cell, steps: int, metrics: dict[str, float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = {"run": cell.run_name, "init": cell.init, "lambda_cc": cell.lambda_cc, "seed": cell.seed, "steps": steps}
+    if cell.variant:
+        line["variant"] = cell.variant
     with path.open("a") as handle:
         handle.write(json.dumps({**line, "metrics": metrics}) + "\n")
+
+
+def replace_result(path: Path, cell: Cell, metrics: dict[str, float]) -> None:
+    """Give a recorded cell new metrics (a rescore), rewriting the results file atomically."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for line in lines:
+        if line["run"] == cell.run_name:
+            line["metrics"] = metrics
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    staged.replace(path)
 
 
 def model_metrics(result: dict[str, Any], benchmark: str = "synthetic") -> dict[str, float]:
@@ -96,21 +165,75 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown: one row per (init, lambda), mean +- std over its seeds for every measure."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+def _label(line: dict[str, Any]) -> str:
+    return line.get("variant") or f"lambda {line['lambda_cc']:g}"
+
+
+def _order(key: tuple[str, str]) -> tuple[str, int, str]:
+    init, label = key
+    names = list(VARIANTS)
+    return init, names.index(label) if label in names else len(names), label
+
+
+def _groups(results: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for line in results.values():
-        groups.setdefault((line["init"], line["lambda_cc"]), []).append(line)
-    header = "| towers | lambda | seeds | " + " | ".join(MEASURES) + " |"
-    rows = [header, "|" + "---|" * (3 + len(MEASURES))]
-    for (init, value), lines in sorted(groups.items()):
-        cells_text = []
-        for key, scale, digits in MEASURES.values():
-            values = [line["metrics"][key] * scale for line in lines if key in line["metrics"]]
-            if not values:
-                cells_text.append("n/a")
-                continue
-            mean, std = mean_std(values)
-            cells_text.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
-        rows.append(f"| {init} | {value:g} | {len(lines)} | " + " | ".join(cells_text) + " |")
-    return "\n".join(rows)
+        groups.setdefault((line["init"], _label(line)), []).append(line)
+    return dict(sorted(groups.items(), key=lambda item: _order(item[0])))
+
+
+def _spread(values: Sequence[float], digits: int) -> str:
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _values(lines: Sequence[dict[str, Any]], key: str, scale: float) -> list[float]:
+    return [line["metrics"][key] * scale for line in lines if key in line["metrics"]]
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: retrieval, grounding and paired differences against lambda 0, one row per (init, cell).
+
+    Each entry is the mean +- sample standard deviation over the cell's seeds. A paired difference is taken per
+    seed against the lambda-0 run of the same init and seed (variant `lambda0`, or the paper's loss at lambda 0).
+    """
+    groups = _groups(results)
+    header = "| towers | cell | seeds | "
+    retrieval = [header + " | ".join(RETRIEVAL) + " |", "|" + "---|" * (3 + len(RETRIEVAL))]
+    grounding = [header + " | ".join(GROUNDING) + " |", "|" + "---|" * (3 + len(GROUNDING))]
+    paired = [
+        "| towers | cell | pairs | " + " | ".join(f"Δ {name}" for name in PAIRED) + " |",
+        "|" + "---|" * (3 + len(PAIRED)),
+    ]
+    for (init, label), lines in groups.items():
+        start = f"| {init} | {label} | {len(lines)} | "
+        retrieval.append(
+            start
+            + " | ".join(_spread(_values(lines, key, scale), digits) for key, scale, digits in RETRIEVAL.values())
+            + " |"
+        )
+        texts = []
+        for pointing, auc in GROUNDING.values():
+            points, areas = _values(lines, pointing, 100.0), _values(lines, auc, 1.0)
+            texts.append(f"{_spread(points, 1)} / {_spread(areas, 3)}" if points else "n/a")
+        grounding.append(start + " | ".join(texts) + " |")
+        baseline = next(
+            (group for (other, name), group in groups.items() if other == init and name in (BASELINE, "lambda 0")),
+            None,
+        )
+        if baseline is None or label in (BASELINE, "lambda 0"):
+            continue
+        by_seed = {line["seed"]: line for line in baseline}
+        pairs = [(line, by_seed[line["seed"]]) for line in lines if line["seed"] in by_seed]
+        differences = []
+        for key, scale, digits in PAIRED.values():
+            deltas = [
+                (line["metrics"][key] - base["metrics"][key]) * scale
+                for line, base in pairs
+                if key in line["metrics"] and key in base["metrics"]
+            ]
+            differences.append(_spread(deltas, digits) if deltas else "n/a")
+        paired.append(f"| {init} | {label} | {len(pairs)} | " + " | ".join(differences) + " |")
+    return "\n\n".join("\n".join(rows) for rows in (retrieval, grounding, paired))

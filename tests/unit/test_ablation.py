@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench.ablation import RESULTS, Cell, append_result, cells, mean_std, read_results, table
+from cluster.bench.ablation import (
+    RESULTS,
+    VARIANTS,
+    Cell,
+    append_result,
+    cells,
+    mean_std,
+    read_results,
+    replace_result,
+    table,
+    variant_cells,
+)
 from cluster.root_config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,9 +53,36 @@ def test_results_resume_and_the_table_reports_mean_and_sample_std(tmp_path: Path
     assert set(done) == {f"ablation-pretrained-lambda0.08-seed{s}" for s in range(3)} | {
         "ablation-pretrained-lambda0-seed0"
     }
-    rows = table(done).splitlines()
-    assert rows[0].startswith("| towers | lambda | seeds | R@1 % |")
-    assert rows[2].startswith("| pretrained | 0 | 1 | 30.0 ± nan |") and "n/a" in rows[2]
-    assert rows[3].startswith("| pretrained | 0.08 | 3 | 42.0 ± 2.0 |") and "| 60.0 ± 10.0 |" in rows[3]
+    retrieval, grounding, paired = (part.splitlines() for part in table(done).split("\n\n"))
+    assert retrieval[0].startswith("| towers | cell | seeds | R@1 % | R@5 % |")
+    assert retrieval[2].startswith("| pretrained | lambda 0 | 1 | 30.0 ± nan | n/a |")
+    assert retrieval[3].startswith("| pretrained | lambda 0.08 | 3 | 42.0 ± 2.0 |")
+    assert grounding[3].startswith("| pretrained | lambda 0.08 | 3 | 60.0 ± 10.0 / n/a |")
+    # One pair (seed 0): 40.0 - 30.0 points, no spread from one pair.
+    assert paired[2].startswith("| pretrained | lambda 0.08 | 1 | 10.0 ± nan |")
     mean, std = mean_std([1.0])
     assert mean == 1.0 and math.isnan(std)
+
+
+def test_variant_cells_load_and_pair_against_lambda_zero(tmp_path: Path) -> None:
+    sweep = list(variant_cells(["pretrained"], list(VARIANTS), [0, 1]))
+    assert len(sweep) == 2 * len(VARIANTS) and len({cell.run_name for cell in sweep}) == len(sweep)
+    for cell in sweep:
+        config = load_config(REPO / "configs" / "tiny.yaml", cell.overrides(40, "towers.safetensors"))
+        assert config.loss.lambda_cc == cell.lambda_cc and config.cluster.run_name == cell.run_name
+    keep = next(cell for cell in sweep if cell.variant == "towers-spatial-keep")
+    loss = load_config(REPO / "configs" / "tiny.yaml", keep.overrides(40, "towers.safetensors")).loss
+    assert (loss.cc_target, loss.cc_form, loss.lambda_grounding) == ("towers", "spatial", 1.0)
+    assert keep.run_name == "ablation-pretrained-towers-spatial-keep-seed0"
+    with pytest.raises(ValueError, match="unknown variant"):
+        list(variant_cells(["pretrained"], ["towers-kl"], [0]))
+
+    path = tmp_path / RESULTS
+    for cell, recall in zip(sweep, [0.30, 0.34, 0.50, 0.40]):  # lambda0 seeds 0 and 1, then paper seeds 0 and 1
+        append_result(path, cell, 40, {"recall@1": recall, "binding/recall_subset@1": recall / 2})
+    paired = table(read_results(path)).split("\n\n")[2].splitlines()
+    assert paired[2].startswith("| pretrained | paper | 2 | 13.0 ± 9.9 | 6.5 ± 4.9 |")
+    assert read_results(path)["ablation-pretrained-paper-seed0"]["variant"] == "paper"
+    replace_result(path, sweep[0], {"recall@1": 0.50})
+    assert read_results(path)[sweep[0].run_name]["metrics"] == {"recall@1": 0.50}
+    assert len(read_results(path)) == 4

@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from training.evaluation.methods.base import QueryBatch
-from training.model.fusion import trim_padding
 
 logger = logging.getLogger(__name__)
 
@@ -151,18 +149,8 @@ def tower_maps(
         np_ids: (B, N, L) each phrase's ids encoded alone; rows outside `np_mask` are ignored (uniform maps).
         np_mask: (B, N) which phrases are real.
     """
-    batch, count, _ = np_ids.shape
-    phrases = torch.zeros(batch * count, backbone.embed_dim, dtype=torch.float32, device=patches.device)
-    rows = np_mask.reshape(-1).nonzero().squeeze(1)
-    if rows.numel():
-        ids = trim_padding(np_ids.reshape(batch * count, -1)[rows])
-        phrases[rows] = F.normalize(backbone.text_embedding(backbone.encode_text(ids), ids).float(), dim=-1)
-    projection = backbone.clip.visual.proj
-    with torch.autocast(patches.device.type, enabled=False):  # bf16 cosines would tie patches that differ
-        patches = patches.float()
-        dense = F.normalize(patches @ projection.float() if projection is not None else patches, dim=-1)
-        cosine = torch.einsum("bpd,bnd->bnp", dense, phrases.reshape(batch, count, -1))
-        return torch.softmax(cosine / temperature, dim=-1)
+    cosines = backbone.phrase_cosines(patches, np_ids, np_mask)
+    return torch.softmax(cosines / temperature, dim=-1)
 
 
 def phrase_maps(batch: QueryBatch, states: QueryPassStates, inputs: PhraseInputs) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ them into CLIP's joint space, where they are compared with gallery embeddings (`
 
 `forward` is the training pass. It returns a flat dict: `fused/query`, `img/target`, `img/reference` (all L2-
 normalised) and, when NP spans are given, the in-context NP maps `fused/np_maps` (with gradient) and, with the
-NPs' own ids too, the isolated maps `fused/np_maps_isolated` (without). The isolated pass is the efficient one: it
+NPs' own ids too, the isolated maps `fused/np_maps_isolated` (without), and on request the references' patch tokens
+after `ln_post` `img/reference_patches`. The isolated pass is the efficient one: it
 reuses the reference image's patch tokens (detached), encodes every NP of the batch in one text-tower call at the
 NPs' own short length, and stops at the last block's attention weights.
 
@@ -236,11 +237,16 @@ class ConTextCIR(nn.Module):
         np_mask: torch.Tensor | None = None,
         np_ids: torch.Tensor | None = None,
         layout: BatchLayout | None = None,
+        isolated: bool = True,
+        reference_patches: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The training pass; see the module docstring for the returned keys.
 
         `layout`: the batch's sizes read on the host before it moved to the device (`training.model.batch_layout`).
         With it the pass never waits for the GPU; without it, it reads them from the tensors.
+        `isolated`: run the isolated NP pass when NP ids are given (False: a loss that does not read it).
+        `reference_patches`: also return `img/reference_patches`, the references' patch tokens after `ln_post`
+        (with gradient), for the towers' own phrase maps (`ClipBackbone.phrase_cosines`).
         """
         if not self.trim_text:
             layout = None  # the released-code path keeps 77 tokens: the layout's sizes are not its own
@@ -273,7 +279,9 @@ class ConTextCIR(nn.Module):
         }
         if with_maps:
             outputs["fused/np_maps"] = maps
-        if with_maps and np_ids is not None:
+        if reference_patches:
+            outputs["img/reference_patches"] = images.patches_after_ln_post.chunk(2)[0]
+        if with_maps and np_ids is not None and isolated:
             patches = reference.tokens[:, self.backbone.image_prefix_tokens :].detach()
             outputs["fused/np_maps_isolated"] = self.isolated_concept_maps(patches, np_ids, np_mask, layout)
         return outputs

@@ -24,11 +24,13 @@ from urllib.parse import urlparse
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
 from shards.model_inputs import model_config, normalisation, normalise_images, register_project_models
 from training.model.config import ModelConfig
+from training.model.fusion import trim_padding
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class ImageFeatures:
     after it, with `model.image_tokens_after_ln_post`)."""
     embedding: torch.Tensor
     """(B, embed_dim) projected CLIP image embedding, not normalised."""
+    patches_after_ln_post: torch.Tensor | None = None
+    """(B, gh*gw, image_width) the patch tokens after `ln_post`, open_clip's own pooling: what the towers' phrase
+    maps (`ClipBackbone.phrase_cosines`) project. The same tensor as the patch part of `tokens` with
+    `model.image_tokens_after_ln_post`."""
 
 
 def _hub_offline() -> bool:
@@ -347,10 +353,11 @@ class ClipBackbone(nn.Module):
         hidden = visual.transformer(hidden)
         pooled, patches = visual._pool(hidden)  # open_clip's own pooling: ln_post, then CLS (or mean) and patches
         embedding = pooled @ visual.proj if visual.proj is not None else pooled
+        after_ln_post = patches
         if not self.tokens_after_ln_post:
             pooled, patches = visual._global_pool(hidden)  # the same split of the states before ln_post
         tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1) if self.image_prefix_tokens else patches
-        return ImageFeatures(tokens=tokens, embedding=embedding)
+        return ImageFeatures(tokens=tokens, embedding=embedding, patches_after_ln_post=after_ln_post)
 
     def encode_text(self, ids: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, text_width) token states after `ln_final` for ids (B, T), any T up to the context length.
@@ -379,6 +386,41 @@ class ClipBackbone(nn.Module):
         if projection is None:
             return pooled
         return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+    def phrase_cosines(
+        self,
+        patches: torch.Tensor,
+        np_ids: torch.Tensor,
+        np_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        length: int | None = None,
+    ) -> torch.Tensor:
+        """(B, N, P) float32 cosines between each projected patch token and each phrase's CLIP text embedding.
+
+        The towers' own phrase map before its softmax over patches: the eval's `tower` map
+        (`training.evaluation.phrase_maps.tower_maps`) and the `towers` Text-CC target read it. Gradients flow into
+        both towers unless the caller disables them.
+
+        Args:
+            patches: (B, P, image_width) reference patch tokens after `ln_post` (`ImageFeatures.patches_after_ln_post`).
+            np_ids: (B, N, L) each phrase's ids encoded alone (start token, its BPE ids, end token), zero padded.
+            np_mask: (B, N) which phrases are real; other rows get cosine 0 (a uniform map after a softmax).
+            rows: (M,) flat indices `b * N + n` of the real phrases when already known (`BatchLayout.np_rows`:
+                no host sync); read from `np_mask` otherwise.
+            length: tokens up to the longest real phrase's end token (`BatchLayout.np_length`), read if None.
+        """
+        batch, count, _ = np_ids.shape
+        phrases = torch.zeros(batch * count, self.embed_dim, dtype=torch.float32, device=patches.device)
+        rows = np_mask.reshape(-1).nonzero().squeeze(1) if rows is None else rows
+        if rows.numel():
+            ids = trim_padding(np_ids.reshape(batch * count, -1)[rows], length)
+            embedded = F.normalize(self.text_embedding(self.encode_text(ids), ids).float(), dim=-1)
+            phrases = phrases.index_copy(0, rows, embedded)
+        projection = self.clip.visual.proj
+        with torch.autocast(patches.device.type, enabled=False):  # bf16 cosines would tie patches that differ
+            patches = patches.float()
+            dense = F.normalize(patches @ projection.float() if projection is not None else patches, dim=-1)
+            return torch.einsum("bpd,bnd->bnp", dense, phrases.reshape(batch, count, -1))
 
 
 def build_backbone(config: ModelConfig, device: str | torch.device = "cpu") -> ClipBackbone:

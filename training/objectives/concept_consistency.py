@@ -84,3 +84,70 @@ def attention_budget(
         return ((maps.float().mean(dim=-1) * lengths).sum(dim=1) * captions).sum() / count
 
     return {"cc/ctx_budget": budget(in_context), "cc/iso_budget": budget(isolated)}
+
+
+TINY = 1e-12
+"""Floor of a mass before its logarithm: an all-zero (padding) map stays finite."""
+
+
+def over_patches(maps: torch.Tensor) -> torch.Tensor:
+    """(B, N, P) non-negative maps divided by their sum over patches: each a distribution (a zero row stays 0)."""
+    return maps / maps.sum(dim=-1, keepdim=True).clamp(min=TINY)
+
+
+def at_context_mass(distribution: torch.Tensor, in_context: torch.Tensor) -> torch.Tensor:
+    """A target distribution over patches scaled to each in-context map's own mass (no gradient through either).
+
+    The `l1` form against the `towers` target: the towers' map sums to 1 over patches, a fusion map sums to the
+    attention its phrase gets, so unscaled the L1 would only push every patch's level down. At equal mass the
+    difference is where the mass sits.
+    """
+    return distribution.detach().float() * in_context.detach().float().sum(dim=-1, keepdim=True)
+
+
+def _mean_over_phrases(per_phrase: torch.Tensor, np_mask: torch.Tensor) -> torch.Tensor:
+    weights = np_mask.to(per_phrase.dtype)
+    return (per_phrase * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def spatial_consistency_loss(in_context: torch.Tensor, target: torch.Tensor, np_mask: torch.Tensor) -> torch.Tensor:
+    """The `spatial` form: mean over real NPs of KL(target || in-context map normalised over patches).
+
+    Only where a phrase's attention goes is compared, not how much of it the phrase gets. The gradient of one
+    phrase's term with respect to its map at patch p is 1/S - t_p/ctx_p (S the map's sum): it raises patches where
+    the target holds more of its mass than the map does and lowers the rest, in proportion to the target's mass,
+    unlike `cc_maps=relative`'s L1 whose gradient is the same +-1 wherever the gap passes epsilon.
+
+    Args:
+        in_context: (B, N, P) non-negative maps of each NP inside its caption.
+        target: (B, N, P) distributions over patches (rows sum to 1; no gradient is taken through them).
+        np_mask: (B, N) True for real NPs.
+
+    Returns:
+        A scalar; 0 (still attached to the graph) when the batch has no NP.
+    """
+    context = in_context.float()
+    goal = target.detach().float()
+    log_context = torch.log(context.clamp(min=TINY)) - torch.log(context.sum(dim=-1, keepdim=True).clamp(min=TINY))
+    divergence = (goal * (torch.log(goal.clamp(min=TINY)) - log_context)).sum(dim=-1)
+    return _mean_over_phrases(divergence, np_mask)
+
+
+def grounding_preservation_loss(
+    cosines: torch.Tensor, starting_cosines: torch.Tensor, np_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """`loss.lambda_grounding`'s term: mean over real NPs of KL(starting towers' map || training towers' map).
+
+    Both maps are softmaxes over patches of the towers' phrase cosines (`ClipBackbone.phrase_cosines`) at
+    `temperature`; the gradient reaches the training towers only.
+
+    Args:
+        cosines: (B, N, P) the training towers' cosines (with gradient).
+        starting_cosines: (B, N, P) the frozen starting towers' cosines.
+        np_mask: (B, N) True for real NPs.
+        temperature: softmax temperature over patches.
+    """
+    log_maps = torch.log_softmax(cosines.float() / temperature, dim=-1)
+    log_start = torch.log_softmax(starting_cosines.detach().float() / temperature, dim=-1)
+    divergence = (log_start.exp() * (log_start - log_maps)).sum(dim=-1)
+    return _mean_over_phrases(divergence, np_mask)
