@@ -10,8 +10,9 @@ Each cell trains `<config>` with `loss.lambda_cc` (or, with `--variants`, the na
 `ablation-<init>-lambda<l>-seed<s>` (`ablation-<init>-<variant>-seed<s>`) on one local Ray, then scores its final
 checkpoint with the eval job. Cells already in `<storage>/ablation/results.jsonl` are skipped, so a rerun resumes;
 `--rescore` scores every recorded cell's final checkpoint again (after the eval gained a measure) and rewrites its
-line. It ends by printing the markdown tables (mean +- std over seeds, and paired differences against lambda 0) that
-docs/results.md quotes, and writes them to `<storage>/ablation/table.md`.
+line. It ends by printing the markdown tables that docs/results.md quotes (mean +- std over seeds, paired differences
+against lambda 0, and the training logs' `cc/*` figures at each cell's start and end), and writes them to
+`<storage>/ablation/table.md`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             sweep = list(cells(inits, [float(value) for value in args.lambdas.split(",")], seeds))
         if any(cell.init == "pretrained" for cell in sweep) and not (args.towers and Path(args.towers).is_file()):
             raise ConfigError(f"--towers {args.towers!r} is not a file (run launch/pretrain_towers.py first)")
-        from cluster.bench.ablation import RESULTS, append_result, model_metrics, read_results, replace_result, table
+        from cluster.bench.ablation import (
+            RESULTS,
+            append_result,
+            logged_table,
+            model_metrics,
+            read_results,
+            replace_result,
+            table,
+        )
         from cluster.root_config import load_config
 
         results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
@@ -96,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
-    markdown = table(read_results(results_path))
+    results = read_results(results_path)
+    markdown = table(results) + "\n\n" + logged_table(results, Path(base.cluster.storage_path))
     (results_path.parent / "table.md").write_text(markdown + "\n")
     print(markdown)
     return 0

@@ -37,6 +37,10 @@ PAIRED = {
 }
 """Paired-difference table column (against the same seed's lambda-0 run, in points) -> key, scale, decimals."""
 
+LOGGED = ("contrastive_loss", "cc/raw", "cc/shape_gap", "cc/below", "grounding/raw")
+"""Training-log figures (`metrics.jsonl`) the logged table reports, averaged over the first and the last steps."""
+FIRST_STEPS, LAST_STEPS = 50, 100
+
 VARIANTS: dict[str, tuple[str, ...]] = {
     "lambda0": ("loss.lambda_cc=0",),
     "paper": ("loss.lambda_cc=0.08",),
@@ -191,6 +195,45 @@ def _spread(values: Sequence[float], digits: int) -> str:
 
 def _values(lines: Sequence[dict[str, Any]], key: str, scale: float) -> list[float]:
     return [line["metrics"][key] * scale for line in lines if key in line["metrics"]]
+
+
+def logged_figures(metrics_file: Path) -> dict[str, tuple[float, float]]:
+    """`LOGGED` key -> (mean over the first `FIRST_STEPS` logged steps, mean over the last `LAST_STEPS` steps)."""
+    if not metrics_file.is_file():
+        return {}
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steps = [line for line in lines if "step" in line and "contrastive_loss" in line]
+    if not steps:
+        return {}
+    last = max(line["step"] for line in steps)
+    figures = {}
+    for key in LOGGED:
+        first = [line[key] for line in steps if key in line and line["step"] <= FIRST_STEPS]
+        final = [line[key] for line in steps if key in line and line["step"] > last - LAST_STEPS]
+        if first and final:
+            figures[key] = (sum(first) / len(first), sum(final) / len(final))
+    return figures
+
+
+def logged_table(results: dict[str, dict[str, Any]], storage: Path) -> str:
+    """Markdown: per (init, cell), the `LOGGED` training figures at the start -> the end, mean over seeds."""
+    rows = [
+        "| towers | cell | runs | " + " | ".join(f"`{key}`" for key in LOGGED) + " |",
+        "|" + "---|" * (3 + len(LOGGED)),
+    ]
+    for (init, label), lines in _groups(results).items():
+        runs = [logged_figures(storage / line["run"] / "metrics.jsonl") for line in lines]
+        runs = [figures for figures in runs if figures]
+        texts = []
+        for key in LOGGED:
+            pairs = [figures[key] for figures in runs if key in figures]
+            if not pairs:
+                texts.append("n/a")
+                continue
+            start, end = (sum(pair[index] for pair in pairs) / len(pairs) for index in (0, 1))
+            texts.append(f"{start:.3g} → {end:.3g}")
+        rows.append(f"| {init} | {label} | {len(runs)} | " + " | ".join(texts) + " |")
+    return "\n".join(rows)
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:

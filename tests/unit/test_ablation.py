@@ -5,6 +5,7 @@ The sweep itself trains and evaluates real runs (`launch/ablate_cc.py`); each of
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from cluster.bench.ablation import (
     Cell,
     append_result,
     cells,
+    logged_figures,
+    logged_table,
     mean_std,
     read_results,
     replace_result,
@@ -86,3 +89,17 @@ def test_variant_cells_load_and_pair_against_lambda_zero(tmp_path: Path) -> None
     replace_result(path, sweep[0], {"recall@1": 0.50})
     assert read_results(path)[sweep[0].run_name]["metrics"] == {"recall@1": 0.50}
     assert len(read_results(path)) == 4
+
+
+def test_logged_table_averages_the_first_and_last_steps(tmp_path: Path) -> None:
+    cell = Cell("pretrained", 1.0, 0, "towers-spatial")
+    run = tmp_path / cell.run_name
+    run.mkdir()
+    lines = [{"step": step, "contrastive_loss": 5.0 - step / 100, "cc/raw": float(step)} for step in range(1, 301)]
+    lines.insert(3, {"step": 3, "eval": True})  # lines without the training figures are skipped
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    append_result(tmp_path / RESULTS, cell, 300, {"recall@1": 0.3})
+    figures = logged_figures(run / "metrics.jsonl")
+    assert figures["cc/raw"] == (25.5, 250.5) and "grounding/raw" not in figures
+    rows = logged_table(read_results(tmp_path / RESULTS), tmp_path).splitlines()
+    assert rows[2] == "| pretrained | towers-spatial | 1 | 4.75 → 2.5 | 25.5 → 250 | n/a | n/a | n/a |"
