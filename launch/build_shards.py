@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {problem}", file=sys.stderr)
             return CONFIG_ERROR_EXIT
         print(connect(config.cluster), flush=True)  # before anything imports ray (it reads its auth settings then)
-        from cluster.jobs.shard_build import RayBuildExecutor, cluster_has_gpus
+        from cluster.jobs.shard_build import RayBuildExecutor
+        from cluster.runtime.ray_setup import cluster_has_gpus
 
         executor = RayBuildExecutor(data.build_workers, stanza_on_gpu=cluster_has_gpus())
         print(f"building on Ray with {executor.workers} workers", flush=True)

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             if problem is not None:
                 raise ValueError(problem)
             print(connect(config.cluster), flush=True)  # before anything imports ray
-            from cluster.jobs.indexing import cluster_has_gpus, ray_encoder
+            from cluster.jobs.indexing import ray_encoder
+            from cluster.runtime.ray_setup import cluster_has_gpus
 
             use_gpu = cluster_has_gpus()
             encoder = ray_encoder(args.bundle, workers, info.embed_dim, use_gpu)

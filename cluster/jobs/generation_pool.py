@@ -13,12 +13,12 @@ Ray's object store, task arguments or runtime env, where it could be logged or s
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from cluster.runtime.ray_setup import quiet_ray_data
 from shards.generate.config import GenerateConfig
 from shards.generate.pairs import Pair, PairResult
 
@@ -70,10 +70,7 @@ def generate_on_ray(
     """
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    quiet_ray_data()
     if not pairs:
         return []
     rows = [{"pair": json.dumps(asdict(pair))} for pair in pairs]

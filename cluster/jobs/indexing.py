@@ -9,12 +9,12 @@ give the same embeddings bit for bit. Rows come back in input order (`preserve_o
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from cluster.runtime.ray_setup import quiet_ray_data
 from training.retrieval.gallery_index import ChunkEncoder, ChunkResult, GalleryItem
 
 
@@ -54,12 +54,7 @@ def ray_encoder(bundle: str | Path, workers: int, embed_dim: int, use_gpu: bool)
     """A `ChunkEncoder` that maps chunks over `workers` Ray Data actors (call after `cluster.runtime.ray_setup.connect`)."""
     import ray
 
-    # One tqdm bar for the whole build (build_index) instead of Ray Data's per-dataset progress log lines.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    quiet_ray_data(preserve_order=True)  # one tqdm bar for the whole build (build_index)
 
     def encode(chunks: Sequence[Sequence[GalleryItem]]) -> Iterator[ChunkResult]:
         rows = [

@@ -14,11 +14,11 @@ more than one node that is a shared filesystem.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
+from cluster.runtime.ray_setup import quiet_ray_data
 from shards.builder.noun_phrases import Extraction, NounPhraseError
 from shards.builder.parse_cache import ParseJob, extraction_from_json, extraction_to_json
 from shards.builder.writer import ShardResult, ShardTask
@@ -50,16 +50,6 @@ def _write_task(task: str) -> str:
     return json.dumps(asdict(write_shard(ShardTask.from_json(task))))
 
 
-def _quiet_ray_data() -> None:
-    import ray
-
-    # The build draws its own tqdm bars; Ray Data's per-dataset progress lines would interleave with them.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
 def cluster_cpus() -> int:
     import ray
 
@@ -75,7 +65,7 @@ class RayBuildExecutor:
     def __init__(self, workers: int, stanza_on_gpu: bool = False) -> None:
         self.workers = cluster_cpus() if workers < 0 else max(1, workers)
         self.stanza_on_gpu = stanza_on_gpu
-        _quiet_ray_data()
+        quiet_ray_data()  # the build draws its own tqdm bars
 
     def parse(self, jobs: Sequence[ParseJob]) -> Iterator[tuple[ParseJob, Extraction, float]]:
         if not jobs:

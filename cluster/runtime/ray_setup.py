@@ -169,3 +169,26 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the connected Ray cluster has a GPU anywhere (call after `connect`)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def quiet_ray_data(preserve_order: bool = False) -> None:
+    """Ray Data without its own progress output, for jobs that draw one tqdm bar of their own.
+
+    Ray Data's per-dataset progress bars and "execution started" lines would interleave with that bar; its logger is
+    kept to errors. `preserve_order`: the blocks come out in input order (an index keeps its rows in order).
+    """
+    import ray
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    if preserve_order:
+        context.execution_options.preserve_order = True
