@@ -352,17 +352,3 @@ def extract_with_stanza(captions: Sequence[str], config: NounPhraseConfig, pipel
             else:
                 result.noun_phrases[caption] = phrases
     return result
-
-
-def extract_noun_phrases(captions: Sequence[str], config: NounPhraseConfig, trees_path: str | None) -> Extraction:
-    """Noun phrases of one source's captions with the configured parser.
-
-    Raises:
-        NounPhraseError: parser `trees` without a sidecar path or file, or parser `stanza` without its models.
-    """
-    if config.parser == "trees":
-        if not trees_path:
-            raise NounPhraseError("data.noun_phrases.parser=trees needs a `trees` sidecar on every source")
-        trees = read_tree_sidecar(trees_path)
-        return extract_from_trees(dict.fromkeys(captions), trees, config.max_nps, config.selection)
-    return extract_with_stanza(captions, config)

@@ -175,11 +175,18 @@ def _sidecar(path: str, mtime_ns: int, size: int) -> dict[str, str]:
 
 
 def run_parse_job(job: ParseJob) -> Extraction:
-    """Parse one chunk: the tree sidecar is read once per process (cached), stanza's pipeline loaded once."""
+    """Parse one chunk: the tree sidecar is read once per process (cached), stanza's pipeline loaded once.
+
+    Raises:
+        NounPhraseError: parser `trees` without a sidecar path or file, or parser `stanza` without its models.
+    """
     if job.config.parser == "trees":
         if not job.trees:
             raise NounPhraseError("data.noun_phrases.parser=trees needs a `trees` sidecar on every source")
-        stat = Path(job.trees).stat()
+        try:
+            stat = Path(job.trees).stat()
+        except FileNotFoundError:
+            raise NounPhraseError(f"tree sidecar {job.trees} does not exist (a source's `trees`)") from None
         trees = _sidecar(job.trees, stat.st_mtime_ns, stat.st_size)
         return extract_from_trees(job.captions, trees, job.config.max_nps, job.config.selection)
     return extract_with_stanza(job.captions, job.config)

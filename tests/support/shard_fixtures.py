@@ -133,3 +133,10 @@ def truncate(path: Path, fraction: float) -> None:
     """Cut a shard to `fraction` of its bytes, as an interrupted copy would."""
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def parse_captions(captions, config, trees: str | None):
+    """One source's captions through the build's own parse step (`run_parse_job`), as one chunk."""
+    from shards.builder.parse_cache import ParseJob, run_parse_job
+
+    return run_parse_job(ParseJob("source", 0, tuple(dict.fromkeys(captions)), config, trees, "unused.json"))

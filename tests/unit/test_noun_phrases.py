@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from shard_fixtures import parse_captions
 from stanza.models.common.doc import Document
 from stanza.models.constituency.tree_reader import read_trees
 
@@ -13,7 +14,6 @@ from shards.builder.noun_phrases import (
     NounPhraseError,
     align_leaves,
     extract_from_trees,
-    extract_noun_phrases,
     load_stanza_pipeline,
     noun_phrases_of_document,
     read_tree_sidecar,
@@ -91,7 +91,7 @@ def test_trees_mode_skips_captions_without_a_matching_tree(tmp_path):
     sidecar.write_text("".join(json.dumps(line) + "\n" for line in lines))
     config = NounPhraseConfig(parser="trees")
     captions = ["make the (small) cube red", "remove the ball", "no tree for me", "broken"]
-    result = extract_noun_phrases(captions, config, str(sidecar))
+    result = parse_captions(captions, config, str(sidecar))
     assert [p.text for p in result.noun_phrases["make the (small) cube red"]] == ["the (small) cube"]
     assert result.skipped == {
         "remove the ball": "tree_mismatch",
@@ -102,9 +102,9 @@ def test_trees_mode_skips_captions_without_a_matching_tree(tmp_path):
 
 def test_trees_mode_errors_name_the_sidecar(tmp_path):
     with pytest.raises(NounPhraseError, match="missing.jsonl"):
-        extract_noun_phrases(["a cube"], NounPhraseConfig(parser="trees"), str(tmp_path / "missing.jsonl"))
+        parse_captions(["a cube"], NounPhraseConfig(parser="trees"), str(tmp_path / "missing.jsonl"))
     with pytest.raises(NounPhraseError, match="trees"):
-        extract_noun_phrases(["a cube"], NounPhraseConfig(parser="trees"), None)
+        parse_captions(["a cube"], NounPhraseConfig(parser="trees"), None)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption": "a", "tree": "(NP a)"}\n{"caption": "b"}\n')
     with pytest.raises(NounPhraseError, match=r"bad\.jsonl line 2"):
@@ -114,7 +114,7 @@ def test_trees_mode_errors_name_the_sidecar(tmp_path):
 def test_stanza_without_models_is_one_clear_error(tmp_path):
     config = NounPhraseConfig(parser="stanza", stanza_dir=str(tmp_path))
     with pytest.raises(NounPhraseError) as error:
-        extract_noun_phrases(["replace the cube with a ball"], config, None)
+        parse_captions(["replace the cube with a ball"], config, None)
     message = str(error.value)
     assert str(tmp_path) in message and "stanza.download('en'" in message and "stanza_dir" in message
     # A directory with a resources index but no English models is refused the same way, without any download.

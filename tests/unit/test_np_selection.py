@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from raw_dataset_fixtures import write_cirr
+from shard_fixtures import parse_captions
 from stanza.models.common.doc import Document
 from stanza.models.constituency.tree_reader import read_trees
 
-from shards.builder.noun_phrases import extract_from_trees, extract_noun_phrases, noun_phrases_of_document
+from shards.builder.noun_phrases import extract_from_trees, noun_phrases_of_document
 from shards.builder.shard_set import build_shards
 from shards.config import DataConfig, NounPhraseConfig, SourceConfig
 from shards.format import split_member_name
@@ -87,7 +88,7 @@ def test_stanza_documents_and_the_trees_sidecar_use_the_configured_selection(tmp
     sidecar = tmp_path / "trees.jsonl"
     sidecar.write_text(json.dumps({"caption": NESTED_CAPTION, "tree": NESTED_TREE}) + "\n")
     config = NounPhraseConfig(parser="trees", selection="leaf", max_nps=2)
-    result = extract_noun_phrases([NESTED_CAPTION], config, str(sidecar))
+    result = parse_captions([NESTED_CAPTION], config, str(sidecar))
     assert [p.text for p in result.noun_phrases[NESTED_CAPTION]] == ["the cube", "a hat"]
 
 
