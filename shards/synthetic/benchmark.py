@@ -1,4 +1,8 @@
-"""Writing the synthetic benchmark: scenes, captions and image sets of every split, in CIRR's layout, with a summary."""
+"""Writing the synthetic benchmark: scenes, captions and image sets of every split, in CIRR's layout, with a summary.
+
+The `binding` split (`binding.py`) is written after the others into files of its own, so whether it is there
+changes no byte of the train, val and test1 files, the trees, objects.json or the marker.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shards.synthetic.binding import write_binding
 from shards.synthetic.cirr_files import MARKER, prepare_root, write_annotations, write_images
 from shards.synthetic.render import BACKGROUNDS, PALETTE, SHAPES
 from shards.synthetic.scenes import SceneSpec
@@ -36,6 +41,7 @@ class SyntheticSummary:
     triplets: dict[str, int] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
     image_sets: dict[str, int] = field(default_factory=dict)
+    """Per split (train, val, test1, and binding when it was written)."""
     seconds: float = 0.0
 
     def line(self) -> str:
@@ -59,6 +65,7 @@ def generate(
     triplets_per_set: dict[str, int] | None = None,
     sets_per_reference: dict[str, int] | None = None,
     max_edits: int = 2,
+    n_binding: int = 0,
     workers: int = 1,
     show_progress: bool = False,
 ) -> SyntheticSummary:
@@ -77,6 +84,8 @@ def generate(
             of the reference in the gallery, which image similarity alone cannot tell apart. Missing splits take
             DEFAULT_SETS_PER_REFERENCE.
         max_edits: most edits one caption asks for (1 or 2 keeps the captions readable).
+        n_binding: queries of the `binding` split (`binding.py`); 0 writes none. `launch/make_synthetic.py`
+            writes DEFAULT_BINDING_TRIPLETS. The other splits' bytes do not depend on it.
         workers: rendering processes; the output does not depend on it.
         show_progress: show a tqdm bar while rendering.
 
@@ -89,6 +98,8 @@ def generate(
     per_reference = {**DEFAULT_SETS_PER_REFERENCE, **(sets_per_reference or {})}
     if canvas < 32:
         raise ValueError(f"canvas must be >= 32 pixels, got {canvas}")
+    if n_binding < 0:
+        raise ValueError(f"n_binding must be >= 0, got {n_binding}")
     for label, names, known in (
         ("shapes", spec.shapes, SHAPES),
         ("colors", spec.colors, PALETTE),
@@ -120,11 +131,16 @@ def generate(
         "triplets_per_set": per_set,
         "sets_per_reference": per_reference,
         "max_edits": max_edits,
-        "triplets": summary.triplets,
-        "images": summary.images,
-        "image_sets": summary.image_sets,
+        "triplets": dict(summary.triplets),  # copies: the binding split's counts join the summary, not the marker
+        "images": dict(summary.images),
+        "image_sets": dict(summary.image_sets),
     }
     write_annotations(root, splits, canvas, marker)
+    binding = write_binding(root, n_binding, seed, spec, canvas, workers, show_progress).content
+    if binding.triplets:
+        summary.triplets["binding"] = len(binding.triplets)
+        summary.images["binding"] = len(binding.images)
+        summary.image_sets["binding"] = binding.image_sets
     summary.seconds = time.perf_counter() - started
     logger.info(summary.line())
     return summary

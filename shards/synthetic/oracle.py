@@ -2,7 +2,7 @@
 images of the synthetic benchmark, from the scene each image was rendered from.
 
 It is not a model and sees no pixels. It finds each image by the sha256 of its bytes (never by a path or name) in
-`objects.json`, and answers from the recorded objects: their shapes, sizes, colours and positions, and the
+`objects.json` (and the binding split's `binding.json`), and answers from the recorded objects: their shapes, sizes, colours and positions, and the
 difference between two scenes by object id. It serves the OpenAI chat-completions protocol on 127.0.0.1, so the
 generator, its retries, repairs and cache run unchanged against it (`launch/scene_oracle.py`).
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shards.synthetic.binding import BINDING_FILE, BINDING_SPLIT
 from shards.synthetic.oracle_cvsi import CVSI_STAGES, CVSIAnswers, RequestUnreadable, caption_count, scene_captions
 
 STAGE_NAMES = ("reference_objects", "target_objects", "modifications", *CVSI_STAGES)
@@ -102,15 +103,24 @@ class SceneOracle:
 
     @classmethod
     def from_root(cls, root: str | Path, **options: Any) -> SceneOracle:
-        """Index every image listed by the benchmark's CIRR image splits by its content hash."""
+        """Index every image listed by the benchmark's CIRR image splits by its content hash (the binding split's
+        from `binding.json`, never replacing the scene of an image of the other splits with the same bytes)."""
         root = Path(root)
         images = json.loads((root / "objects.json").read_text())["images"]
-        scenes = {}
-        for split_file in sorted((root / "cirr" / "image_splits").glob("split.rc2.*.json")):
+        if (root / BINDING_FILE).is_file():
+            images = {**json.loads((root / BINDING_FILE).read_text())["images"], **images}
+        binding_split = f"split.rc2.{BINDING_SPLIT}.json"
+        split_files = sorted((root / "cirr" / "image_splits").glob("split.rc2.*.json"))
+        split_files.sort(key=lambda path: path.name == binding_split)  # stable: the binding split last
+        scenes: dict[str, dict[str, Any]] = {}
+        for split_file in split_files:
             for name, relative in json.loads(split_file.read_text()).items():
                 if name in images:
                     digest = hashlib.sha256((root / relative).read_bytes()).hexdigest()
-                    scenes[digest] = images[name]
+                    if split_file.name == binding_split:
+                        scenes.setdefault(digest, images[name])
+                    else:
+                        scenes[digest] = images[name]
         if not scenes:
             raise OracleError(f"{root}: no images of objects.json found through cirr/image_splits")
         return cls(scenes, cvsi=CVSIAnswers.from_root(root, images), **options)

@@ -236,11 +236,13 @@ def test_targets_match_their_captions():
 
 def test_cli_writes_the_layout_and_prints_a_summary(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = make_synthetic.main(["--out", str(out), "--seed", "1", "--train", "6", "--val", "2", "--test", "2"])
-    assert code == 0
-    assert "train: 6 triplets" in capsys.readouterr().out
+    argv = ["--out", str(out), "--seed", "1", "--train", "6", "--val", "2", "--test", "2", "--binding", "4"]
+    assert make_synthetic.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train: 6 triplets" in printed and "binding: 4 triplets / 1 sets / 6 images" in printed
     assert all((out / "cirr" / "captions" / f"cap.rc2.{split}.json").is_file() for split in SPLITS)
     assert make_synthetic.main(["--out", str(out), "--train", "-1"]) == 2
+    assert make_synthetic.main(["--out", str(out), "--binding", "-1"]) == 2
 
 
 def test_unknown_attribute_names_are_refused_before_writing(tmp_path):

@@ -1,4 +1,5 @@
-"""Retrieval metrics on rankings: recall@K (whole gallery), subset recall@K, CIRCO AP@K / mAP@K.
+"""Retrieval metrics on rankings: recall@K (whole gallery), subset recall@K, CIRCO AP@K / mAP@K, and the share of
+queries whose target outscores their hard negatives.
 
 Everything here is pure: embeddings or score matrices in, gallery indices out, numbers out. Rankings are
 (Q, K) arrays of gallery indices, best first, padded with -1 where a query has fewer candidates than K.
@@ -120,6 +121,37 @@ def subset_recall_at_k(
 ) -> dict[str, float]:
     """CIRR's Recall_subset@K: recall within each query's candidate set (reference already removed)."""
     return recall_at_k(subset_rankings, targets, ks, prefix="recall_subset")
+
+
+def target_above_hard_negative(
+    query_embeddings: torch.Tensor,
+    gallery_embeddings: torch.Tensor,
+    targets: Sequence[int] | np.ndarray,
+    hard_negatives: Sequence[Sequence[int]],
+) -> float:
+    """Share of queries whose target scores above their hard negative: 0.5 is chance, whatever else the gallery holds.
+
+    A query with several hard negatives counts the share of them its target beats; an exact tie counts half.
+    Queries without a hard negative are left out (0.0 when none has one).
+
+    Args:
+        query_embeddings: (Q, D) normalised.
+        gallery_embeddings: (N, D) normalised, on the same device.
+        targets: (Q,) the target's gallery index per query.
+        hard_negatives: per query, gallery indices of its hard negatives.
+    """
+    rows = [row for row, negatives in enumerate(hard_negatives) if negatives]
+    if not rows:
+        return 0.0
+    device = gallery_embeddings.device
+    wins = []
+    for row in rows:
+        query = query_embeddings[row].float()
+        target_score = gallery_embeddings[int(targets[row])].float() @ query
+        negative_scores = gallery_embeddings[torch.as_tensor(list(hard_negatives[row]), device=device)].float() @ query
+        beaten = (target_score > negative_scores).float() + 0.5 * (target_score == negative_scores).float()
+        wins.append(float(beaten.mean()))
+    return float(np.mean(wins))
 
 
 def average_precision_at_k(ranking: Sequence[int], ground_truth: Sequence[int], k: int) -> float:

@@ -10,6 +10,9 @@ Outputs under the checkpoint's run directory:
     <run>/tensorboard/                          eval/<benchmark>/<metric> of the model at the checkpoint's training
                                                 step (grounding: eval/synthetic/grounding/<map>/<phrases>/<measure>),
                                                 and eval/<benchmark>/<method>/<metric> for every method
+
+A benchmark's diagnostic splits (the synthetic `binding` split) are scored after its own and merged into its metrics,
+predictions and TensorBoard tags as `<split>/<metric>` (`eval/synthetic/binding/recall@1`), never averaged in.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from training.evaluation.config import EvalJob
 from training.evaluation.encode import resolve_device
 from training.evaluation.grounding import format_grounding, is_grounding_measure
 from training.evaluation.methods import METHODS, method_name
-from training.evaluation.scoring import MODEL, EncodeSettings, SplitScores, combine_parts, score_split
+from training.evaluation.scoring import MODEL, EncodeSettings, SplitScores, add_diagnostic, combine_parts, score_split
 from training.evaluation.spans import phrase_span_finder
 from training.model.config import ModelConfig
 
@@ -121,11 +124,14 @@ def load_checkpoint_model(checkpoint: Path, device: torch.device) -> tuple[torch
 
 
 def _benchmark_entry(
-    split: BenchmarkSplit | list[BenchmarkSplit], scores: SplitScores, baselines: list[str]
+    split: BenchmarkSplit | list[BenchmarkSplit],
+    scores: SplitScores,
+    baselines: list[str],
+    diagnostics: list[BenchmarkSplit] | None = None,
 ) -> dict[str, Any]:
     splits = split if isinstance(split, list) else [split]
     versions = {part.name.split("/")[-1]: part.version for part in splits}
-    return {
+    entry = {
         "split": splits[0].split,
         "version": versions if len(splits) > 1 else splits[0].version,
         "metrics": scores.metrics.get(MODEL, {}),
@@ -133,6 +139,9 @@ def _benchmark_entry(
         "details": scores.details,
         "predictions": scores.predictions,
     }
+    if diagnostics:
+        entry["diagnostics"] = {part.split: part.version for part in diagnostics}
+    return entry
 
 
 class Evaluator:
@@ -148,6 +157,7 @@ class Evaluator:
         self.baselines = [name for name in dict.fromkeys(others) if name != CHECKPOINT_METHOD]
         self.methods = {MODEL: METHODS.get(CHECKPOINT_METHOD)} | {name: METHODS.get(name) for name in self.baselines}
         self._splits: dict[str, tuple[list[BenchmarkSplit], BenchmarkSplit | None]] = {}
+        self._diagnostics: dict[str, list[BenchmarkSplit]] = {}
 
     def splits(self, name: str) -> tuple[list[BenchmarkSplit], BenchmarkSplit | None]:
         """(scored splits, submission split) of a benchmark, read on first use."""
@@ -157,7 +167,13 @@ class Evaluator:
                 benchmark.scored_splits(settings, splits),
                 benchmark.submission_split(settings, splits),
             )
+            self._diagnostics[name] = benchmark.diagnostic_splits(settings) if self._splits[name][0] else []
         return self._splits[name]
+
+    def diagnostics(self, name: str) -> list[BenchmarkSplit]:
+        """A benchmark's diagnostic splits (reported as `<split>/<metric>`), read with its other splits."""
+        self.splits(name)
+        return self._diagnostics[name]
 
     def load_benchmarks(self) -> None:
         """Read every benchmark now, so missing files fail before any model is loaded."""
@@ -200,7 +216,12 @@ class Evaluator:
             if scored:
                 parts = {split.name.split("/")[-1]: score_split(model, split, settings) for split in scored}
                 combined = combine_parts(parts)
-                entry = _benchmark_entry(scored if len(scored) > 1 else scored[0], combined, self.baselines)
+                diagnostics = self.diagnostics(name)
+                for diagnostic in diagnostics:
+                    add_diagnostic(combined, diagnostic.split, score_split(model, diagnostic, settings))
+                entry = _benchmark_entry(
+                    scored if len(scored) > 1 else scored[0], combined, self.baselines, diagnostics
+                )
                 result["benchmarks"][name] = entry
                 entry["method_predictions"] = write_method_predictions(run_dir, step, name, combined)
             if unlabelled is not None:
@@ -307,14 +328,20 @@ def format_table(result: dict[str, Any]) -> str:
         parts = [version] if "queries" in version else [part for part in version.values() if isinstance(part, dict)]
         queries, gallery = (sum(int(part.get(key, 0)) for part in parts) for key in ("queries", "gallery"))
         counts = f"{queries} queries, gallery {gallery}" + (f" over {len(parts)} parts" if len(parts) > 1 else "")
+        for split, diagnostic in entry.get("diagnostics", {}).items():
+            counts += f"; {split}: {diagnostic.get('queries', 0)} queries, gallery {diagnostic.get('gallery', 0)}"
         lines.append("")
         lines.append(f"{name} [{entry['split']}] {counts}".rstrip())
-        lines.append(f"  {'metric':<22}" + "".join(f"{column:>16}" for column in columns))
+        shown = [metric for metric in entry["metrics"] if not is_grounding_measure(metric)]
+        width = max([22, *(len(metric) + 1 for metric in shown)])
+        lines.append(f"  {'metric':<{width}}" + "".join(f"{column:>16}" for column in columns))
         for metric, value in entry["metrics"].items():
             if is_grounding_measure(metric):
                 continue  # the model's alone, in a table of their own below
             cells = [value] + [entry["baselines"][baseline].get(metric) for baseline in baselines]
-            lines.append(f"  {metric:<22}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>16}" for c in cells))
+            lines.append(
+                f"  {metric:<{width}}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>16}" for c in cells)
+            )
         lines.extend(format_grounding(entry["metrics"]))
     for name, paths in result.get("submissions", {}).items():
         lines.append(f"{name} submission file(s): {', '.join(paths)}")

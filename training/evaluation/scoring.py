@@ -25,6 +25,7 @@ from training.evaluation.metrics import (
     rank_subsets,
     recall_at_k,
     subset_recall_at_k,
+    target_above_hard_negative,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
     members = [[index_of[name] for name in query.subset] for query in split.queries] if protocol.subset_ks else []
     labelled = split.labelled
     targets = np.array([index_of[query.target] for query in split.queries], dtype=np.int64) if labelled else None
+    negatives = [[index_of[name] for name in query.hard_negatives] for query in split.queries]
     scores = SplitScores()
     for method, (query_embeddings, gallery_embeddings) in pairs.items():
         query_embeddings = query_embeddings.to(settings.device)
@@ -139,6 +141,10 @@ def score_split(model: torch.nn.Module, split: BenchmarkSplit, settings: EncodeS
             metrics.update(map_at_k(rankings, ground_truths, protocol.map_ks))
         if protocol.average:
             metrics["avg"] = float(np.mean([metrics[name] for name in protocol.average]))
+        if protocol.hard_negatives:
+            metrics["target_above_hard_negative"] = target_above_hard_negative(
+                query_embeddings, gallery_embeddings, targets, negatives
+            )
         scores.metrics[method] = metrics
     if labelled and protocol.grounding:
         scored = queries.grounding
@@ -178,3 +184,17 @@ def combine_parts(parts: dict[str, SplitScores]) -> SplitScores:
             )
         combined.details[part] = scores.details
     return combined
+
+
+def add_diagnostic(scores: SplitScores, prefix: str, diagnostic: SplitScores) -> SplitScores:
+    """Add a diagnostic split's scores to a benchmark's own under `<prefix>/`: metrics (every method that has
+    them), predictions and details; nothing is averaged with the main split's. Returns `scores`, updated."""
+    for method, metrics in diagnostic.metrics.items():
+        scores.metrics.setdefault(method, {}).update({f"{prefix}/{name}": value for name, value in metrics.items()})
+    scores.predictions.update({f"{prefix}/{key}": ranked for key, ranked in diagnostic.predictions.items()})
+    for method, predictions in diagnostic.method_predictions.items():
+        scores.method_predictions.setdefault(method, {}).update(
+            {f"{prefix}/{key}": ranked for key, ranked in predictions.items()}
+        )
+    scores.details[prefix] = diagnostic.details
+    return scores

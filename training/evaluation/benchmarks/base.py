@@ -36,6 +36,9 @@ class Protocol:
     """Metrics whose mean is reported as `avg` (CIRR: recall@5 and recall_subset@1)."""
     grounding: bool = False
     """Score how each noun phrase's maps find its box on the reference (`training.evaluation.grounding`; synthetic)."""
+    hard_negatives: bool = False
+    """Score `target_above_hard_negative`: the share of queries whose target outscores each of its `hard_negatives`
+    (chance 0.5; the synthetic `binding` split)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Query:
     subset: tuple[str, ...] = ()
     """The query's candidate set (CIRR's img_set.members), reference included as distributed."""
     phrases: tuple[GroundedPhrase, ...] = ()
+    hard_negatives: tuple[str, ...] = ()
+    """Images that differ from the target only where the text decides (the synthetic `binding` split: the same edit
+    applied to the wrong object); scored when the protocol has `hard_negatives`."""
 
 
 @dataclass
@@ -167,6 +173,9 @@ class Benchmark:
     read_submission: Callable[[Any], BenchmarkSplit] | None = None
     """settings -> the unlabelled test split, scored only into server files when `eval.splits` has `test`."""
     write_submission: SubmissionWriter | None = None
+    read_diagnostics: Callable[[Any], list[BenchmarkSplit]] | None = None
+    """settings -> labelled splits scored beside the main ones and never averaged into them: each split's metrics
+    are reported as `<split.split>/<metric>` among the benchmark's own (the synthetic `binding` split)."""
 
     def __post_init__(self) -> None:
         if (self.read_submission is None) != (self.write_submission is None):
@@ -181,6 +190,10 @@ class Benchmark:
         if "test" not in splits or self.read_submission is None:
             return None
         return self.read_submission(self._checked(settings))
+
+    def diagnostic_splits(self, settings: DatasetSettings) -> list[BenchmarkSplit]:
+        """The labelled splits reported beside the main ones under their split name as a prefix; [] when none."""
+        return [] if self.read_diagnostics is None else self.read_diagnostics(self._checked(settings))
 
     def _checked(self, settings: DatasetSettings) -> DatasetSettings:
         if not settings.root:
