@@ -7,10 +7,10 @@ them into CLIP's joint space, where they are compared with gallery embeddings (`
 
 `forward` is the training pass. It returns a flat dict: `fused/query`, `img/target`, `img/reference` (all L2-
 normalised) and, when NP spans are given, the in-context NP maps `fused/np_maps` (with gradient) and, with the
-NPs' own ids too, the isolated maps `fused/np_maps_isolated` (without), and on request the references' patch tokens
-after `ln_post` `img/reference_patches`. The isolated pass is the efficient one: it
-reuses the reference image's patch tokens (detached), encodes every NP of the batch in one text-tower call at the
-NPs' own short length, and stops at the last block's attention weights.
+NPs' own ids too, the isolated maps `fused/np_maps_isolated` (without). On request it also returns the references'
+patch tokens after `ln_post`, `img/reference_patches`. The isolated pass is the efficient one: it reuses the
+reference image's patch tokens (detached), encodes every NP of the batch in one text-tower call at the NPs' own
+short length, and stops at the last block's attention weights.
 
 Images come in as the loaders hand them over, uint8 pixels (normalised on the device by `ClipBackbone`), or as
 images already normalised on the host (float).
