@@ -18,7 +18,6 @@ against lambda 0, and the training logs' `cc/*` figures at each cell's start and
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,25 +43,12 @@ def add_arguments(parser) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args, base = parse_config_args(argv, "Sweep loss.lambda_cc x seeds x tower init.", add_arguments)
-        from cluster.bench.ablation import cells, variant_cells
+        from cluster.bench.ablation import sweep_cells
 
-        inits = [name.strip() for name in args.inits.split(",")]
-        seeds = [int(value) for value in args.seeds.split(",")]
-        if args.variants:
-            sweep = list(variant_cells(inits, [name.strip() for name in args.variants.split(",")], seeds))
-        else:
-            sweep = list(cells(inits, [float(value) for value in args.lambdas.split(",")], seeds))
+        sweep = sweep_cells(args.inits, args.lambdas, args.variants, args.seeds)
         if any(cell.init == "pretrained" for cell in sweep) and not (args.towers and Path(args.towers).is_file()):
             raise ConfigError(f"--towers {args.towers!r} is not a file (run launch/pretrain_towers.py first)")
-        from cluster.bench.ablation import (
-            RESULTS,
-            append_result,
-            logged_table,
-            model_metrics,
-            read_results,
-            replace_result,
-            table,
-        )
+        from cluster.bench.ablation import RESULTS, read_results, report, run_cells
         from cluster.root_config import load_config
 
         results_path = Path(base.cluster.storage_path) / "ablation" / RESULTS
@@ -88,27 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.runtime.ray_setup import connect
 
         print(connect(base.cluster), flush=True)  # one local Ray for every cell
-        from cluster.jobs.trainer import run_training
-        from training.evaluation.runner import Evaluator
-
-        for number, (cell, config) in enumerate(zip(pending, configs), start=1):
-            started = time.perf_counter()
-            run_dir = config.run_dir if args.rescore else run_training(config)
-            result = Evaluator(config, ["synthetic"]).evaluate(run_dir / "checkpoints" / "latest")
-            metrics = model_metrics(result)
-            if args.rescore:
-                replace_result(results_path, cell, metrics)
-            else:
-                append_result(results_path, cell, args.steps, metrics)
-            print(
-                f"[{number}/{len(pending)}] {cell.run_name}: R@1 {metrics.get('recall@1', float('nan')):.2f} "
-                f"({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
-    results = read_results(results_path)
-    markdown = table(results) + "\n\n" + logged_table(results, Path(base.cluster.storage_path))
-    (results_path.parent / "table.md").write_text(markdown + "\n")
-    print(markdown)
+        run_cells(pending, configs, results_path, args.steps, args.rescore)
+    print(report(results_path, Path(base.cluster.storage_path)))
     return 0
 
 

@@ -110,6 +110,50 @@ def variant_cells(inits: Sequence[str], variants: Sequence[str], seeds: Sequence
                 yield Cell(init, lambda_cc, int(seed), name)
 
 
+def sweep_cells(inits: str, lambdas: str, variants: str | None, seeds: str) -> list[Cell]:
+    """The cells of `launch/ablate_cc.py`'s comma lists: named variants when given, lambdas otherwise."""
+    init_names = [name.strip() for name in inits.split(",")]
+    seed_values = [int(value) for value in seeds.split(",")]
+    if variants:
+        return list(variant_cells(init_names, [name.strip() for name in variants.split(",")], seed_values))
+    return list(cells(init_names, [float(value) for value in lambdas.split(",")], seed_values))
+
+
+def run_cells(
+    cells_to_run: Sequence[Cell], configs: Sequence[Any], results_path: Path, steps: int, rescore: bool
+) -> None:
+    """Train (unless `rescore`) and score each cell, recording its metrics as it finishes (call after `connect`).
+
+    `rescore`: score the final checkpoint a recorded cell left and replace its line.
+    """
+    import time
+
+    from cluster.jobs.trainer import run_training
+    from training.evaluation.runner import Evaluator
+
+    for number, (cell, config) in enumerate(zip(cells_to_run, configs), start=1):
+        started = time.perf_counter()
+        run_dir = config.run_dir if rescore else run_training(config)
+        metrics = model_metrics(Evaluator(config, ["synthetic"]).evaluate(run_dir / "checkpoints" / "latest"))
+        if rescore:
+            replace_result(results_path, cell, metrics)
+        else:
+            append_result(results_path, cell, steps, metrics)
+        print(
+            f"[{number}/{len(cells_to_run)}] {cell.run_name}: R@1 {metrics.get('recall@1', float('nan')):.2f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+
+
+def report(results_path: Path, storage: Path) -> str:
+    """Every table of the recorded cells, in markdown, also written to `table.md` beside the results."""
+    results = read_results(results_path)
+    markdown = table(results) + "\n\n" + logged_table(results, storage)
+    (results_path.parent / "table.md").write_text(markdown + "\n")
+    return markdown
+
+
 def _check_init(init: str) -> None:
     if init not in ("random", "pretrained"):
         raise ValueError(f"unknown init {init!r}: random or pretrained")

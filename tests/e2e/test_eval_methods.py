@@ -75,14 +75,15 @@ def test_every_method_in_one_table_with_results_predictions_and_scalars(tmp_path
     entry = result["benchmarks"]["synthetic"]
     assert list(entry["baselines"]) == list(OTHERS)
     queries, gallery = entry["version"]["queries"], entry["version"]["gallery"]
+    binding = entry["diagnostics"]["binding"]
     assert first_calls >= gallery + queries  # the first run asked for every image's captions and every edit
     for name in OTHERS:
         metrics = entry["baselines"][name]
-        assert {"recall@1", "recall@5", "recall@10", "recall_subset@1"} <= set(metrics), name
+        assert {"recall@1", "recall@5", "recall@10", "recall_subset@1", "binding/recall@1"} <= set(metrics), name
         predictions = json.loads(Path(entry["method_predictions"][name]).read_text())
-        assert len(predictions) == queries and all(
-            len(ranked) == min(50, gallery - 1) for ranked in predictions.values()
-        )
+        val = {key: ranked for key, ranked in predictions.items() if not key.startswith("binding/")}
+        assert len(val) == queries and all(len(ranked) == min(50, gallery - 1) for ranked in val.values())
+        assert len(predictions) - len(val) == binding["queries"]
     assert entry["baselines"]["cvsi"] != entry["baselines"]["phi"]  # the captions and edits change the ranking
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -15,10 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_synthetic(root: Path, train: int = 48, val: int = 6, test: int = 6) -> Path:
-    """`launch/make_synthetic.py` into `root` (small counts), returning `root`."""
+def make_synthetic(root: Path, train: int = 48, val: int = 6, test: int = 6, binding: int = 4) -> Path:
+    """`launch/make_synthetic.py` into `root` (small counts, the binding split included), returning `root`."""
     command = [sys.executable, str(REPO / "launch/make_synthetic.py"), "--out", str(root), "--train", str(train)]
-    command += ["--val", str(val), "--test", str(test), "--workers", "1"]
+    command += ["--val", str(val), "--test", str(test), "--binding", str(binding), "--workers", "1"]
     subprocess.run(command, check=True, capture_output=True, timeout=180)
     return root
 

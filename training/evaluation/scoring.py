@@ -177,12 +177,7 @@ def combine_parts(parts: dict[str, SplitScores]) -> SplitScores:
             merged["avg"] = float(np.mean(recalls))
         combined.metrics[method] = merged
     for part, scores in parts.items():
-        combined.predictions.update({f"{part}/{key}": ranked for key, ranked in scores.predictions.items()})
-        for method, predictions in scores.method_predictions.items():
-            combined.method_predictions.setdefault(method, {}).update(
-                {f"{part}/{key}": ranked for key, ranked in predictions.items()}
-            )
-        combined.details[part] = scores.details
+        _add_records(combined, part, scores)
     return combined
 
 
@@ -191,10 +186,15 @@ def add_diagnostic(scores: SplitScores, prefix: str, diagnostic: SplitScores) ->
     them), predictions and details; nothing is averaged with the main split's. Returns `scores`, updated."""
     for method, metrics in diagnostic.metrics.items():
         scores.metrics.setdefault(method, {}).update({f"{prefix}/{name}": value for name, value in metrics.items()})
-    scores.predictions.update({f"{prefix}/{key}": ranked for key, ranked in diagnostic.predictions.items()})
-    for method, predictions in diagnostic.method_predictions.items():
+    _add_records(scores, prefix, diagnostic)
+    return scores
+
+
+def _add_records(scores: SplitScores, prefix: str, other: SplitScores) -> None:
+    """Add `other`'s predictions (the model's and each method's) under `<prefix>/<id>`, and its details as `prefix`."""
+    scores.predictions.update({f"{prefix}/{key}": ranked for key, ranked in other.predictions.items()})
+    for method, predictions in other.method_predictions.items():
         scores.method_predictions.setdefault(method, {}).update(
             {f"{prefix}/{key}": ranked for key, ranked in predictions.items()}
         )
-    scores.details[prefix] = diagnostic.details
-    return scores
+    scores.details[prefix] = other.details
